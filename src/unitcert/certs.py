@@ -93,7 +93,9 @@ def build_self_signed(
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - _BACKDATE)
         .not_valid_after(now - _BACKDATE + validity)
-        .add_extension(x509.SubjectAlternativeName(_general_names(names)), critical=False)
+        .add_extension(
+            x509.SubjectAlternativeName(_general_names(names)), critical=False
+        )
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(
@@ -137,7 +139,9 @@ def build_csr(
     return (
         x509.CertificateSigningRequestBuilder()
         .subject_name(x509.Name(attributes))
-        .add_extension(x509.SubjectAlternativeName(_general_names(names)), critical=False)
+        .add_extension(
+            x509.SubjectAlternativeName(_general_names(names)), critical=False
+        )
         .sign(key, _hash_for(key))
     )
 
@@ -205,9 +209,7 @@ def cert_info(cert: x509.Certificate) -> CertInfo:
     except x509.ExtensionNotFound:
         names = ()
     public_key = cert.public_key()
-    if not isinstance(
-        public_key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey
-    ):
+    if not isinstance(public_key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
         key_type = type(public_key).__name__
     else:
         key_type = describe_key(public_key)

@@ -92,9 +92,7 @@ def parse_code(text: str) -> FingerprintCode:
             (``mistyped=False``), or the check symbol does not fit
             (``mistyped=True``).
     """
-    cleaned = "".join(
-        _ALIASES.get(ch, ch) for ch in text.upper() if ch not in "- \t"
-    )
+    cleaned = "".join(_ALIASES.get(ch, ch) for ch in text.upper() if ch not in "- \t")
     bad = sorted({ch for ch in cleaned if ch not in _VALUE})
     if bad:
         raise CodeFormatError(
@@ -120,12 +118,12 @@ def parse_code(text: str) -> FingerprintCode:
 
 
 def spki_pin(spki_der: bytes) -> str:
-    """Return the base64 SHA-256 of the SPKI, as ``curl --pinnedpubkey`` and HPKP use it."""
+    """Return the base64 SHA-256 of the SPKI, as ``curl --pinnedpubkey`` uses it."""
     return base64.b64encode(hashlib.sha256(spki_der).digest()).decode("ascii")
 
 
 def qr_payload(*, hostname: str, serial: str, spki_der: bytes) -> str:
-    """Return the sticker's QR payload (DESIGN.md), shaped like a Wi-Fi Easy Connect URI.
+    """Return the sticker's QR payload (DESIGN.md), shaped like a Wi-Fi DPP URI.
 
     Raises:
         ValueError: the hostname or serial contains a character that the
@@ -179,7 +177,7 @@ _CONTEXT_0 = 0xA0
 
 
 def _first_sequence_body(der: bytes) -> tuple[int, int]:
-    tag, start, end = _read_tlv(der, 0)
+    tag, start, _end = _read_tlv(der, 0)
     if tag != _SEQUENCE:
         raise InputError("the DER data is not a SEQUENCE")
     inner_tag, inner_start, inner_end = _read_tlv(der, start)
@@ -200,7 +198,9 @@ def spki_from_cert_der(der: bytes) -> bytes:
         fields = fields[1:]
     # serialNumber, signature, issuer, validity, subject, subjectPublicKeyInfo
     if len(fields) < 6 or fields[5][0] != _SEQUENCE:
-        raise InputError("the certificate has no subjectPublicKeyInfo where X.509 puts it")
+        raise InputError(
+            "the certificate has no subjectPublicKeyInfo where X.509 puts it"
+        )
     _, spki_start, spki_end = fields[5]
     return der[spki_start:spki_end]
 

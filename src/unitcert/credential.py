@@ -1,4 +1,4 @@
-"""The admin credential: a unique setup credential at first boot, then the owner's password.
+"""The admin credential: a unique setup credential, then the owner's password.
 
 No unit has a default password. First boot makes a random setup credential
 (80 bits, Crockford base32 so that it survives being read aloud or printed),

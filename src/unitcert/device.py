@@ -191,7 +191,9 @@ class IdentityMeta:
                 created=raw["created"],
             )
         except (ValueError, KeyError, TypeError) as exc:
-            raise StateError("the state is damaged: its identity record is unreadable") from exc
+            raise StateError(
+                "the state is damaged: its identity record is unreadable"
+            ) from exc
 
 
 @dataclass(frozen=True)
@@ -263,7 +265,11 @@ def _now() -> dt.datetime:
 def _identity_files(
     key: keys.PrivateKey, cert_chain: bytes, meta: IdentityMeta
 ) -> dict[str, bytes]:
-    return {KEY_FILE: keys.key_pem(key), CERT_FILE: cert_chain, META_FILE: meta.to_json()}
+    return {
+        KEY_FILE: keys.key_pem(key),
+        CERT_FILE: cert_chain,
+        META_FILE: meta.to_json(),
+    }
 
 
 def _make_identity(
@@ -411,7 +417,9 @@ def init_unit(
             return InitResult(
                 unit,
                 created=False,
-                notes=(f"the unit already has its identity ({unit.info.code}); kept it",),
+                notes=(
+                    f"the unit already has its identity ({unit.info.code}); kept it",
+                ),
             )
         _make_identity(
             store,
@@ -442,7 +450,10 @@ def start_unit(
         The errors of :func:`init_unit` and :func:`load_unit`.
     """
     result = init_unit(
-        store, entropy_timeout=entropy_timeout, generator=generator, **init_options  # type: ignore[arg-type]
+        store,
+        entropy_timeout=entropy_timeout,
+        generator=generator,
+        **init_options,  # type: ignore[arg-type]
     )
     notes = list(result.notes)
     created = result.created
@@ -456,7 +467,9 @@ def start_unit(
             notes.append("bound the state to this machine")
         elif meta.binding != here and not _binding_matches(meta):
             notes.extend(
-                _handle_clone(store, meta, entropy_timeout=entropy_timeout, generator=generator)
+                _handle_clone(
+                    store, meta, entropy_timeout=entropy_timeout, generator=generator
+                )
             )
             created = created or meta.source != "factory"
         _ensure_admin(store, meta)
@@ -535,14 +548,18 @@ def reset_unit(
                 entropy_timeout=entropy_timeout,
                 generator=generator,
             )
-            notes.append("made a new identity key: the old sticker code no longer applies")
+            notes.append(
+                "made a new identity key: the old sticker code no longer applies"
+            )
         else:
             notes.append("kept the factory identity: the sticker still applies")
         _ensure_admin(store, meta)
     return InitResult(load_unit(store), created=regenerate, notes=tuple(notes))
 
 
-def renew_self_signed_if_due(store: StateStore, *, now: dt.datetime | None = None) -> bool:
+def renew_self_signed_if_due(
+    store: StateStore, *, now: dt.datetime | None = None
+) -> bool:
     """Re-sign the self-signed certificate with the same key when a third of its
     validity remains, so the fingerprint code never changes.
 
@@ -564,5 +581,7 @@ def renew_self_signed_if_due(store: StateStore, *, now: dt.datetime | None = Non
         files = unit.identity.files()
         files[CERT_FILE] = certs.pem_chain([cert])
         store.commit(Part.IDENTITY, files)
-        logger.info("re-signed the self-signed certificate; code %s unchanged", unit.info.code)
+        logger.info(
+            "re-signed the self-signed certificate; code %s unchanged", unit.info.code
+        )
         return True

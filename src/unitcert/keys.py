@@ -257,5 +257,7 @@ class FileKeyStore:
         try:
             data = self.path.read_bytes()
         except OSError as exc:
-            raise InputError(f"cannot read the key file {self.path}: {exc.strerror}") from exc
+            raise InputError(
+                f"cannot read the key file {self.path}: {exc.strerror}"
+            ) from exc
         return load_key_pem(data)

@@ -104,7 +104,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _make_private_dir(path: Path) -> None:
-    """Create ``path`` as a 0700 directory (the mode is never wider, whatever the umask)."""
+    """Create ``path`` as a 0700 directory, never wider whatever the umask."""
     os.mkdir(path, _DIR_MODE)
     os.chmod(path, _DIR_MODE)
 
@@ -164,9 +164,13 @@ class StateStore:
             _make_private_dir(self.root)
             _fsync_dir(self.root.parent)
         elif not self.root.is_dir():
-            raise StateError(f"the state path {self.root} exists and is not a directory")
+            raise StateError(
+                f"the state path {self.root} exists and is not a directory"
+            )
         if self.root.stat().st_mode & 0o077:
-            logger.warning("state directory %s was open to others; made it 0700", self.root)
+            logger.warning(
+                "state directory %s was open to others; made it 0700", self.root
+            )
             os.chmod(self.root, _DIR_MODE)
         for part in Part:
             path = self.root / part.value
@@ -201,7 +205,9 @@ class StateStore:
             return None
         except OSError as exc:
             if exc.errno == errno.EINVAL:
-                raise StateError(f"the state is damaged: {link} is not a symlink") from None
+                raise StateError(
+                    f"the state is damaged: {link} is not a symlink"
+                ) from None
             raise
         match = _GEN_RE.match(target)
         path = link.parent / target

@@ -26,8 +26,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from unitcert.errors import WeakKeyError
 
 __all__ = [
-    "KeyFinding",
     "MIN_RSA_BITS",
+    "KeyFinding",
     "PublicKey",
     "check_key",
     "require_strong_key",
@@ -132,7 +132,9 @@ def check_key(public_key: PublicKey) -> tuple[KeyFinding, ...]:
     findings: list[KeyFinding] = []
     name = _published_keys().get(spki_sha256(public_key))
     if name is not None:
-        findings.append(KeyFinding("published", f"{_DESCRIPTIONS['published']} ({name})"))
+        findings.append(
+            KeyFinding("published", f"{_DESCRIPTIONS['published']} ({name})")
+        )
 
     if isinstance(public_key, rsa.RSAPublicKey):
         numbers = public_key.public_numbers()

@@ -1,0 +1,494 @@
+"""``unitcert``: one command line over the unit agent, the factory and the audit.
+
+Errors reach the user as one sentence on stderr and an exit code; tracebacks
+only with ``-v``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+import unitcert.device as agent
+from unitcert import __version__, keys
+from unitcert.errors import CodeFormatError, ConnectError, InputError, UnitcertError
+from unitcert.store import Part, StateStore
+
+__all__ = ["main", "run"]
+
+logger = logging.getLogger("unitcert")
+
+DEFAULT_STATE = Path("/var/lib/unitcert")
+# Exit codes of errors, in one place. Any other failure exits 1; `verify` adds
+# its outcomes (1 not your device, 4 untrusted chain or name) as results.
+_ERROR_EXIT_CODES: tuple[tuple[type[UnitcertError], int], ...] = (
+    (CodeFormatError, 2),
+    (ConnectError, 3),
+)
+_INTERNAL_ERROR_EXIT = 70
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _state_option(function: F) -> F:
+    return click.option(
+        "--state",
+        "state_dir",
+        type=click.Path(path_type=Path, file_okay=False),
+        default=DEFAULT_STATE,
+        show_default=True,
+        help="The unit's state directory.",
+    )(function)
+
+
+def _entropy_option(function: F) -> F:
+    return click.option(
+        "--entropy-timeout",
+        type=click.FloatRange(min=0),
+        default=keys.DEFAULT_ENTROPY_TIMEOUT,
+        show_default=True,
+        help="Seconds to wait for the kernel's random pool before giving up.",
+    )(function)
+
+
+def _identity_options(function: F) -> F:
+    options = [
+        click.option(
+            "--serial", help="The unit's serial (a DNS label); random when not given."
+        ),
+        click.option(
+            "--product",
+            default=agent.DEFAULT_PRODUCT,
+            show_default=True,
+            help="The product name (a DNS label).",
+        ),
+        click.option(
+            "--domain",
+            default=agent.DEFAULT_DOMAIN,
+            show_default=True,
+            help="The maker's domain: the unit is <serial>.<product>.<domain>.",
+        ),
+        click.option(
+            "--key-type",
+            type=click.Choice([t.value for t in keys.KeyType]),
+            default=keys.KeyType.P256.value,
+            show_default=True,
+            help="The identity key's type.",
+        ),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def _configure_logging(verbose: int, *, level: int) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if verbose:
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        )
+    else:
+        handler.setFormatter(logging.Formatter("unitcert: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else level)
+
+
+def _verbose(ctx: click.Context) -> int:
+    root = ctx.find_root()
+    return int(root.params.get("verbose", 0))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", count=True, help="Show debug logs and tracebacks.")
+@click.version_option(__version__, prog_name="unitcert")
+def main(verbose: int) -> None:
+    """unitcert: a unique TLS identity for every unit a maker ships.
+
+    Run 'unitcert COMMAND --help' for the options of a command.
+    """
+    _configure_logging(verbose, level=logging.WARNING)
+
+
+@main.group()
+def device() -> None:
+    """Commands that run on the unit: first boot, serving, status, reset."""
+
+
+def _echo_field(name: str, value: object) -> None:
+    click.echo(f"  {name + ':':<12}{value}")
+
+
+def _echo_setup_credential(unit: agent.Unit) -> None:
+    if unit.admin is not None and unit.admin.must_change:
+        _echo_field(
+            "Setup",
+            f"{unit.admin.setup}  (one-time credential: the first login asks "
+            "for a new password)",
+        )
+
+
+@device.command("init")
+@_state_option
+@_identity_options
+@_entropy_option
+def device_init(
+    state_dir: Path,
+    serial: str | None,
+    product: str,
+    domain: str,
+    key_type: str,
+    entropy_timeout: float,
+) -> None:
+    """First boot: make the unit's key and identity (nothing happens if it has one)."""
+    result = agent.init_unit(
+        StateStore(state_dir),
+        serial=serial,
+        product=product,
+        domain=domain,
+        key_type=keys.KeyType.parse(key_type),
+        entropy_timeout=entropy_timeout,
+    )
+    if result.created:
+        click.echo(f"Made a new identity in {state_dir}:")
+    else:
+        click.echo(
+            f"The unit in {state_dir} already has its identity; nothing changed:"
+        )
+    unit = result.unit
+    _echo_field("Host name", unit.meta.hostname)
+    _echo_field("Key", unit.info.key_type)
+    _echo_field("Code", unit.info.code)
+    _echo_setup_credential(unit)
+
+
+@device.command("serve")
+@_state_option
+@click.option(
+    "--bind", default="127.0.0.1", show_default=True, help="Address to listen on."
+)
+@click.option(
+    "--https-port", type=click.IntRange(1, 65535), default=8443, show_default=True
+)
+@click.option(
+    "--http-port",
+    type=click.IntRange(1, 65535),
+    default=8080,
+    show_default=True,
+    help="Plain HTTP port; it redirects to HTTPS.",
+)
+@_identity_options
+@_entropy_option
+@click.pass_context
+def device_serve(
+    ctx: click.Context,
+    state_dir: Path,
+    bind: str,
+    https_port: int,
+    http_port: int,
+    serial: str | None,
+    product: str,
+    domain: str,
+    key_type: str,
+    entropy_timeout: float,
+) -> None:
+    """Serve the unit's admin pages over HTTPS with its own identity.
+
+    On the first start this makes the identity (as 'device init' does, with
+    the identity options); later starts reuse it. A new state generation
+    (from 'device reset', or any command that changes the state) is served
+    within a second, or at once on SIGHUP, without a restart.
+    """
+    from unitcert.web import run_server
+
+    _configure_logging(_verbose(ctx), level=logging.INFO)
+    store = StateStore(state_dir)
+    result = agent.start_unit(
+        store,
+        entropy_timeout=entropy_timeout,
+        serial=serial,
+        product=product,
+        domain=domain,
+        key_type=keys.KeyType.parse(key_type),
+    )
+    unit = result.unit
+    for note in result.notes:
+        logger.info("%s", note)
+
+    host = f"[{bind}]" if ":" in bind else bind
+
+    def announce() -> None:
+        if result.created:
+            click.echo(f"First start: made this unit's identity in {state_dir}.")
+        else:
+            click.echo(f"Reusing this unit's identity from {state_dir}.")
+        _echo_field("URL", f"https://{host}:{https_port}/")
+        _echo_field("Host name", unit.meta.hostname)
+        _echo_field(
+            "Code",
+            f"{unit.info.code}  (check it: unitcert verify {host}:{https_port} "
+            f"--code {unit.info.code})",
+        )
+        _echo_setup_credential(unit)
+        click.echo("Press Ctrl+C to stop.", err=False)
+
+    run_server(
+        store,
+        bind=bind,
+        https_port=https_port,
+        http_port=http_port,
+        on_listening=announce,
+    )
+
+
+def _status_record(unit: agent.Unit, store: StateStore) -> dict[str, object]:
+    record: dict[str, object] = {
+        "state": str(store.root),
+        "source": unit.source,
+        "hostname": unit.meta.hostname,
+        "serial": unit.meta.serial,
+        "product": unit.meta.product,
+        "names": list(unit.info.names),
+        "subject": unit.info.subject,
+        "issuer": unit.info.issuer,
+        "not_before": unit.info.not_before.isoformat(),
+        "not_after": unit.info.not_after.isoformat(),
+        "key_type": unit.info.key_type,
+        "key_location": f"file:{unit.key_path}",
+        "code": str(unit.info.code),
+        "spki_pin": f"sha256//{unit.info.pin}",
+        "generation": unit.generation,
+        "binding": {
+            "kind": unit.meta.binding.kind,
+            "value": unit.meta.binding.value,
+            "matches_this_machine": unit.binding_ok,
+        },
+        "admin_password_set": unit.admin is not None and not unit.admin.must_change,
+    }
+    # The setup credential is for the local operator only (DESIGN.md).
+    if os.geteuid() == 0 and unit.admin is not None and unit.admin.must_change:
+        record["setup_credential"] = unit.admin.setup
+    return record
+
+
+@device.command("status")
+@_state_option
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def device_status(state_dir: Path, as_json: bool) -> None:
+    """Show what the unit serves: source, names, validity, key, code, pin."""
+    store = StateStore(state_dir)
+    unit = agent.load_unit(store)
+    record = _status_record(unit, store)
+    if as_json:
+        click.echo(json.dumps(record, indent=2))
+        return
+    click.echo(f"Unit {unit.meta.hostname} ({store.root})")
+    _echo_field(
+        "Source",
+        {"self": "self-signed", "factory": "factory (maker's CA)"}.get(
+            unit.source, unit.source
+        ),
+    )
+    _echo_field("Names", ", ".join(unit.info.names))
+    _echo_field(
+        "Valid",
+        f"{unit.info.not_before:%Y-%m-%d %H:%M} to "
+        f"{unit.info.not_after:%Y-%m-%d %H:%M} UTC",
+    )
+    _echo_field("Key", f"{unit.info.key_type} ({record['key_location']})")
+    _echo_field("Code", unit.info.code)
+    _echo_field("SPKI pin", record["spki_pin"])
+    _echo_field("Generation", unit.generation)
+    binding = "this machine" if unit.binding_ok else "ANOTHER MACHINE (cloned image?)"
+    _echo_field("Bound to", f"{unit.meta.binding.describe()}: {binding}")
+    if "setup_credential" in record:
+        _echo_setup_credential(unit)
+    elif not record["admin_password_set"]:
+        _echo_field("Setup", "credential set; run as root to see it")
+    else:
+        _echo_field("Admin", "the owner has set a password")
+
+
+@device.command("reset")
+@_state_option
+@click.option("--yes", is_flag=True, help="Confirm: wipe the owner's settings.")
+@click.option(
+    "--regenerate-identity",
+    is_flag=True,
+    help="Also make a new identity key, even for a factory-provisioned unit.",
+)
+@_entropy_option
+def device_reset(
+    state_dir: Path, yes: bool, regenerate_identity: bool, entropy_timeout: float
+) -> None:
+    """Factory reset: wipe the owner's settings and certificates.
+
+    A unit that was never factory-provisioned also gets a new identity key; a
+    factory identity survives unless --regenerate-identity is given.
+    """
+    if not yes:
+        raise InputError(
+            "a factory reset wipes the owner's password, settings and certificates: "
+            "add --yes to do it"
+        )
+    result = agent.reset_unit(
+        StateStore(state_dir),
+        regenerate_identity=regenerate_identity,
+        entropy_timeout=entropy_timeout,
+    )
+    click.echo(f"Reset the unit in {state_dir}:")
+    for note in result.notes:
+        click.echo(f"  - {note}")
+    _echo_field("Code", result.unit.info.code)
+    _echo_setup_credential(result.unit)
+
+
+@main.command("code")
+@click.argument("file", type=click.Path(path_type=Path, dir_okay=False))
+def code_command(file: Path) -> None:
+    """Print the fingerprint code of a certificate, public key or CSR (PEM or DER)."""
+    from unitcert.code import code_for_spki
+    from unitcert.spki import load_spki
+
+    spki = load_spki(file)
+    click.echo(str(code_for_spki(spki)))
+
+
+@main.command("verify")
+@click.argument("address", metavar="HOST[:PORT]")
+@click.option("--code", "code_text", required=True, help="The code from the sticker.")
+@click.option(
+    "--name",
+    "--servername",
+    "name",
+    help="The unit's name: sent as SNI and, with --ca, checked in its certificate.",
+)
+@click.option(
+    "--ca",
+    "ca_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="The maker's root certificate (PEM): also check the chain to it.",
+)
+@click.option(
+    "--timeout", type=click.FloatRange(min=0.1), default=10.0, show_default=True
+)
+@click.pass_context
+def verify_command(
+    ctx: click.Context,
+    address: str,
+    code_text: str,
+    name: str | None,
+    ca_path: Path | None,
+    timeout: float,
+) -> None:
+    """Check that the unit at HOST[:PORT] serves the key of the code on its sticker.
+
+    Exit codes: 0 it matches, 1 it does NOT (not your device), 2 the code is
+    malformed or mistyped, 3 cannot connect or no TLS, 4 the chain or name
+    check against --ca failed.
+    """
+    from unitcert.verify import Outcome, verify_unit
+
+    if ca_path is not None and not ca_path.is_file():
+        raise InputError(f"the root certificate {ca_path} does not exist")
+    result = verify_unit(
+        address, code_text, servername=name, ca_path=ca_path, timeout=timeout
+    )
+    if result.outcome is Outcome.MISMATCH:
+        click.echo(
+            f"NOT YOUR DEVICE: {result.address} serves a key with code "
+            f"{result.served}, "
+            f"not {result.expected}. Do not log in or enter any password: this is not "
+            "the unit the sticker belongs to.",
+            err=True,
+        )
+    elif result.outcome is Outcome.UNTRUSTED:
+        click.echo(
+            f"The code matches ({result.served}), but the certificate chain or name "
+            f"did not verify against {ca_path}: {result.trust_error}.",
+            err=True,
+        )
+    else:
+        trusted = f", and its chain verifies to {ca_path}" if ca_path else ""
+        click.echo(
+            f"OK: {result.address} is the unit with code {result.served}{trusted}."
+        )
+    ctx.exit(result.outcome.value)
+
+
+@main.command("label")
+@_state_option
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path, dir_okay=False),
+    required=True,
+    help="The label file: FILE.png or FILE.pdf (62 mm x 29 mm).",
+)
+def label_command(state_dir: Path, output: Path) -> None:
+    """Print the unit's sticker: product, serial, host name, code and QR."""
+    from unitcert.label import Label, write_label
+
+    store = StateStore(state_dir)
+    unit = agent.load_unit(store)
+    identity = store.current(Part.IDENTITY)
+    printed = (
+        identity.read("setup-credential").decode("utf-8").strip()
+        if identity is not None and identity.has("setup-credential")
+        else None
+    )
+    write_label(Label.for_unit(unit, setup_credential=printed), output)
+    click.echo(
+        f"Wrote the label for {unit.meta.hostname} ({unit.info.code}) to {output}"
+    )
+
+
+# Commands of other parts register here.
+
+
+def _exit_code_for(error: UnitcertError) -> int:
+    for kind, code in _ERROR_EXIT_CODES:
+        if isinstance(error, kind):
+            return code
+    return 1
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run the command line and return its exit code (no traceback for errors)."""
+    try:
+        result = main.main(args=argv, prog_name="unitcert", standalone_mode=False)
+    except click.exceptions.Exit as done:
+        return int(done.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except click.exceptions.Abort:
+        click.echo("Aborted.", err=True)
+        return 1
+    except UnitcertError as exc:
+        logger.debug("error details", exc_info=True)
+        click.echo(f"unitcert: error: {exc}", err=True)
+        return _exit_code_for(exc)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        logger.debug("internal error", exc_info=True)
+        click.echo(
+            f"unitcert: internal error: {type(exc).__name__}: {exc} (run with -v for "
+            "details, and please report it)",
+            err=True,
+        )
+        return _INTERNAL_ERROR_EXIT
+    return int(result or 0)
+
+
+def entry_point() -> None:
+    """The ``unitcert`` console script."""
+    sys.exit(run())
