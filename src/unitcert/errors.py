@@ -6,12 +6,14 @@ is shallow, and each member carries the facts it is about::
 
     UnitcertError
     ├── InputError            a file or value given to us is unusable
-    │   └── CodeFormatError   a fingerprint code is malformed or mistyped
+    │   ├── CodeFormatError   a fingerprint code is malformed or mistyped
+    │   └── DuplicateError    a serial or key is already in the maker's registry
     ├── StateError            the unit's state is missing, locked or damaged
     ├── EntropyError          the kernel's random pool never became ready
     ├── WeakKeyError          a key failed the weak-key checks
     ├── KeyMismatchError      a certificate and a private key do not belong together
-    └── ConnectError          a unit could not be reached over TLS
+    ├── ConnectError          a unit could not be reached over TLS
+    └── RegistryError         the maker's registry cannot be opened or written
 
 Errors raised by libraries are mapped to these at one boundary, with
 ``raise ... from exc``. Misuse by a programmer is ``ValueError`` or
@@ -23,9 +25,11 @@ from __future__ import annotations
 __all__ = [
     "CodeFormatError",
     "ConnectError",
+    "DuplicateError",
     "EntropyError",
     "InputError",
     "KeyMismatchError",
+    "RegistryError",
     "StateError",
     "UnitcertError",
     "WeakKeyError",
@@ -105,3 +109,19 @@ class ConnectError(UnitcertError):
     def __init__(self, message: str, *, address: str) -> None:
         super().__init__(message)
         self.address = address
+
+
+class DuplicateError(InputError):
+    """A serial or a public key is already registered to a unit.
+
+    Attributes:
+        serial: the serial of the unit that already holds it.
+    """
+
+    def __init__(self, message: str, *, serial: str) -> None:
+        super().__init__(message)
+        self.serial = serial
+
+
+class RegistryError(UnitcertError):
+    """The maker's registry database cannot be opened, read or written."""
