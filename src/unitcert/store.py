@@ -262,7 +262,6 @@ class StateStore:
             if not _FILE_RE.match(name):
                 raise ValueError(f"not a plain state file name: {name!r}")
         part_dir = self.root / part.value
-        self._collect_garbage(part)
 
         number = self._next_number()
         gen_dir = part_dir / f"g{number:08d}"
@@ -275,6 +274,7 @@ class StateStore:
         if old is not None:
             self._point(part_dir, "previous", old.path.name)
         self._point(part_dir, "current", gen_dir.name)
+        self._collect_garbage(part)
         logger.debug("committed %s generation %d", part.value, number)
         return Generation(part, number, gen_dir)
 
