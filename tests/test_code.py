@@ -86,7 +86,9 @@ def test_code_of_certificate_and_csr_hash_their_own_spki_bytes(tmp_path: Path) -
     from_cert = spki_from_cert_der(cert.public_bytes(serialization.Encoding.DER))
     from_csr = spki_from_csr_der(csr.public_bytes(serialization.Encoding.DER))
 
-    assert hashlib.sha256(from_cert).digest() == _openssl_spki_sha256(tmp_path / "pub.pem")
+    assert hashlib.sha256(from_cert).digest() == _openssl_spki_sha256(
+        tmp_path / "pub.pem"
+    )
     assert code_for_spki(from_cert) == code_for_spki(from_csr)
 
 
@@ -117,7 +119,12 @@ def test_every_single_symbol_substitution_is_caught_as_mistyped() -> None:
 
 
 def test_parse_code_rejects_wrong_length_and_foreign_symbols_as_malformed() -> None:
-    for text in ["", "B9X7-HK54", "B9X7-HK54-M3T2-1PDW-CAXP-XX", "B9X7-HK54-M3T2-1PDW-CAXP-U"]:
+    for text in [
+        "",
+        "B9X7-HK54",
+        "B9X7-HK54-M3T2-1PDW-CAXP-XX",
+        "B9X7-HK54-M3T2-1PDW-CAXP-U",
+    ]:
         with pytest.raises(CodeFormatError) as caught:
             parse_code(text)
         assert not caught.value.mistyped
@@ -126,7 +133,9 @@ def test_parse_code_rejects_wrong_length_and_foreign_symbols_as_malformed() -> N
 def test_qr_payload_carries_full_spki_hash_unpadded() -> None:
     spki = load_spki(RFC_KEYS / "ecdsap256-rfc6979.key")
 
-    payload = qr_payload(hostname="ab12.router.example.com", serial="ab12", spki_der=spki)
+    payload = qr_payload(
+        hostname="ab12.router.example.com", serial="ab12", spki_der=spki
+    )
 
     assert payload.startswith("UNITCERT:V:1;N:ab12.router.example.com;S:ab12;K:")
     assert payload.endswith(";;")
@@ -152,7 +161,11 @@ def test_load_spki_refuses_private_keys_and_garbage(tmp_path: Path) -> None:
     empty = tmp_path / "empty.pem"
     empty.write_bytes(b"")
 
-    for path, words in [(private, "private key"), (garbage, "neither a certificate"), (empty, "empty")]:
+    for path, words in [
+        (private, "private key"),
+        (garbage, "neither a certificate"),
+        (empty, "empty"),
+    ]:
         with pytest.raises(InputError, match=words):
             load_spki(path)
 
@@ -164,4 +177,6 @@ def test_load_spki_accepts_der_certificate(tmp_path: Path) -> None:
     der_path.write_bytes(cert.public_bytes(serialization.Encoding.DER))
 
     assert code_for_spki(load_spki(der_path)) == certs.cert_info(cert).code
-    assert isinstance(x509.load_der_x509_certificate(der_path.read_bytes()), x509.Certificate)
+    assert isinstance(
+        x509.load_der_x509_certificate(der_path.read_bytes()), x509.Certificate
+    )

@@ -184,7 +184,12 @@ def test_files_are_private_even_with_umask_000(tmp_path: Path) -> None:
     assert identity is not None
     key_mode = stat.S_IMODE((identity.path / "key.pem").stat().st_mode)
     assert key_mode == 0o600
-    for directory in [store.root, store.root / "identity", store.root / "local", identity.path]:
+    for directory in [
+        store.root,
+        store.root / "identity",
+        store.root / "local",
+        identity.path,
+    ]:
         assert stat.S_IMODE(directory.stat().st_mode) == 0o700, directory
     for path in store.root.rglob("*"):
         if path.is_file() and not path.is_symlink():
@@ -218,11 +223,15 @@ def test_commit_keeps_current_and_previous_and_drops_older(tmp_path: Path) -> No
     store = StateStore(tmp_path / "state")
     store.create()
     with store.lock():
-        numbers = [store.commit(Part.LOCAL, {"n": str(i).encode()}).number for i in range(4)]
+        numbers = [
+            store.commit(Part.LOCAL, {"n": str(i).encode()}).number for i in range(4)
+        ]
 
     assert store.current(Part.LOCAL).read("n") == b"3"  # type: ignore[union-attr]
     assert store.previous(Part.LOCAL).read("n") == b"2"  # type: ignore[union-attr]
-    kept = sorted(p.name for p in (store.root / "local").iterdir() if p.name.startswith("g"))
+    kept = sorted(
+        p.name for p in (store.root / "local").iterdir() if p.name.startswith("g")
+    )
     assert kept == [f"g{numbers[2]:08d}", f"g{numbers[3]:08d}"]
     assert store.generation() == numbers[3]
 

@@ -79,8 +79,8 @@ class KeyType(enum.Enum):
 def wait_for_entropy(
     timeout: float = DEFAULT_ENTROPY_TIMEOUT,
     *,
-    clock: Callable[[], float] = time.monotonic,
-    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] | None = None,
+    sleep: Callable[[float], None] | None = None,
 ) -> None:
     """Wait until the kernel's random pool is initialised.
 
@@ -89,10 +89,14 @@ def wait_for_entropy(
 
     Args:
         timeout: the longest time to wait, in seconds.
+        clock: a monotonic clock (default ``time.monotonic``).
+        sleep: how to wait (default ``time.sleep``).
 
     Raises:
         EntropyError: the pool was still not ready after ``timeout`` seconds.
     """
+    clock = clock or time.monotonic
+    sleep = sleep or time.sleep
     start = clock()
     warned = False
     while True:
