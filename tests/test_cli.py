@@ -1,4 +1,4 @@
-"""The command line contract: help everywhere, one-sentence errors, verify's exit codes."""
+"""The command line contract: help everywhere, one-sentence errors, exit codes."""
 
 from __future__ import annotations
 
@@ -151,7 +151,7 @@ def test_serve_prints_url_code_and_setup_credential_then_reuses_identity(
     assert "First start: made this unit's identity" in first
     assert "Reusing this unit's identity" in second
     for output in outputs:
-        assert f"https://127.0.0.1:" in output
+        assert "https://127.0.0.1:" in output
         assert str(unit.info.code) in output
         assert unit.admin is not None and unit.admin.setup in output
 
