@@ -37,7 +37,7 @@ MAX_VALIDITY = dt.timedelta(days=825)
 _BACKDATE = dt.timedelta(hours=1)
 
 
-def _hash_for(key: PrivateKey) -> hashes.HashAlgorithm:
+def _hash_for(key: PrivateKey) -> hashes.SHA256 | hashes.SHA384:
     if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.key_size > 256:
         return hashes.SHA384()
     return hashes.SHA256()

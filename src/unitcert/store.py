@@ -233,7 +233,7 @@ class StateStore:
 
     def watch_token(self) -> tuple[str | None, ...]:
         """Return a cheap value that changes whenever any part's generation changes."""
-        token = []
+        token: list[str | None] = []
         for part in Part:
             try:
                 token.append(os.readlink(self.root / part.value / "current"))
