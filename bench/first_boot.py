@@ -320,7 +320,7 @@ def machine() -> list[str]:
         ["openssl", "version"], check=True, capture_output=True, text=True
     ).stdout.strip()
     commit = subprocess.run(
-        ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+        ["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
         capture_output=True,
         text=True,
     ).stdout.strip()
@@ -331,7 +331,11 @@ def machine() -> list[str]:
     ]
 
 
-def section(rows: list[Row], command: str) -> str:
+def load_average() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def section(rows: list[Row], command: str, loads: tuple[str, str]) -> str:
     today = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     return "\n".join(
         [
@@ -341,6 +345,8 @@ def section(rows: list[Row], command: str) -> str:
             "after one uncounted warm-up round (warm page cache).",
             "",
             *(f"- {line}" for line in machine()),
+            f"- load average (1, 5, 15 min) before the run {loads[0]}, after "
+            f"{loads[1]}: other work on the machine shares its {os.cpu_count()} cores",
             "",
             table(rows),
             "",
@@ -389,11 +395,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         [".venv/bin/python", "bench/first_boot.py", *(argv or sys.argv[1:])]
     )
     print(f"first_boot: {', '.join(key_types)}, {args.runs} runs (+1 warm-up)")
+    load_before = load_average()
     rows = bench(key_types, args.runs)
+    loads = (load_before, load_average())
     print()
     print(table(rows))
+    print(f"load average before {loads[0]}, after {loads[1]}")
     if not args.no_results:
-        write_results(section(rows, command))
+        write_results(section(rows, command, loads))
         print(f"\nwrote the {SECTION} section of {RESULTS.relative_to(ROOT)}")
     return 0
 
