@@ -57,6 +57,9 @@ _RESIGN_FRACTION = 1 / 3
 KEY_FILE = "key.pem"
 CERT_FILE = "cert.pem"
 META_FILE = "meta.json"
+# A self-signed certificate for the identity key, served while the factory
+# certificate is expired (the sticker code stays true).
+FALLBACK_FILE = "fallback.pem"
 ADMIN_FILE = "admin.json"
 
 
@@ -211,6 +214,8 @@ class Unit:
         admin: the admin credential.
         generation: the state's generation number.
         binding_ok: False when the state was made on another machine.
+        served_note: a sentence for status and pages when what is served is
+            not what the source would serve (an expired factory certificate).
     """
 
     meta: IdentityMeta
@@ -223,6 +228,7 @@ class Unit:
     admin: AdminCredential | None
     generation: int
     binding_ok: bool
+    served_note: str | None = None
 
     @property
     def spki_der(self) -> bytes:
@@ -281,6 +287,7 @@ def _make_identity(
     key_type: keys.KeyType,
     entropy_timeout: float,
     generator: Callable[[keys.KeyType], keys.PrivateKey],
+    bind_to_serial: bool = False,
 ) -> None:
     key = keys.generate_checked_key(
         key_type, entropy_timeout=entropy_timeout, generator=generator
@@ -291,7 +298,9 @@ def _make_identity(
         product=product,
         domain=domain,
         key_type=key_type.value,
-        binding=current_binding(serial),
+        binding=(
+            Binding("serial", serial) if bind_to_serial else current_binding(serial)
+        ),
         created=_now().isoformat(timespec="seconds"),
     )
     cert = certs.build_self_signed(key, [meta.hostname], serial_number=serial)
@@ -347,6 +356,20 @@ def load_unit(store: StateStore) -> Unit:
     key = keys.FileKeyStore(identity.path / KEY_FILE).signing_key()
     leaf = chain[0]
     info = certs.cert_info(leaf)
+    chain_path = identity.path / CERT_FILE
+    served_note = None
+    if meta.source == "factory" and info.not_after < _now():
+        expired = f"the factory certificate expired on {info.not_after:%Y-%m-%d}"
+        if identity.has(FALLBACK_FILE):
+            chain_path = identity.path / FALLBACK_FILE
+            leaf = x509.load_pem_x509_certificate(identity.read(FALLBACK_FILE))
+            info = certs.cert_info(leaf)
+            served_note = (
+                f"{expired}: serving a self-signed certificate for the same key "
+                "(the sticker code still applies) until the maker re-issues it"
+            )
+        else:
+            served_note = f"{expired}: have the maker re-issue it"
     from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
     def spki(k: object) -> bytes:
@@ -372,13 +395,14 @@ def load_unit(store: StateStore) -> Unit:
         meta=meta,
         identity=identity,
         key_path=identity.path / KEY_FILE,
-        chain_path=identity.path / CERT_FILE,
+        chain_path=chain_path,
         cert=leaf,
         info=info,
         source=meta.source,
         admin=admin,
         generation=store.generation(),
         binding_ok=_binding_matches(meta),
+        served_note=served_note,
     )
 
 
@@ -398,8 +422,12 @@ def init_unit(
     key_type: keys.KeyType = keys.KeyType.P256,
     entropy_timeout: float = keys.DEFAULT_ENTROPY_TIMEOUT,
     generator: Callable[[keys.KeyType], keys.PrivateKey] = keys.generate_key,
+    bind_to_serial: bool = False,
 ) -> InitResult:
     """First boot: make the unit's identity unless it already has one.
+
+    ``bind_to_serial`` is for a factory station writing a unit's state: the
+    state is bound to the serial, and the unit adopts it on its first start.
 
     Raises:
         InputError: a serial, product or domain is not a valid name.
@@ -429,6 +457,7 @@ def init_unit(
             key_type=key_type,
             entropy_timeout=entropy_timeout,
             generator=generator,
+            bind_to_serial=bind_to_serial,
         )
         meta = IdentityMeta.from_json(store.current(Part.IDENTITY).read(META_FILE))  # type: ignore[union-attr]
         _ensure_admin(store, meta)
@@ -563,23 +592,39 @@ def renew_self_signed_if_due(
     """Re-sign the self-signed certificate with the same key when a third of its
     validity remains, so the fingerprint code never changes.
 
+    A factory unit whose certificate has expired gets a self-signed fallback
+    for the same key (``fallback.pem``), kept fresh the same way, until the
+    maker re-issues its certificate.
+
     Returns:
         True when a new certificate was committed.
     """
     now = now or _now()
     with store.lock():
         unit = load_unit(store)
-        if unit.meta.source != "self":
+        target = CERT_FILE
+        served: certs.CertInfo | None = unit.info
+        if unit.meta.source == "factory":
+            factory = x509.load_pem_x509_certificate(unit.identity.read(CERT_FILE))
+            if factory.not_valid_after_utc >= now:
+                return False
+            target = FALLBACK_FILE
+            served = None
+            if unit.identity.has(FALLBACK_FILE):
+                fallback = unit.identity.read(FALLBACK_FILE)
+                served = certs.cert_info(x509.load_pem_x509_certificate(fallback))
+        elif unit.meta.source != "self":
             return False
-        lifetime = unit.info.not_after - unit.info.not_before
-        if unit.info.not_after - now > lifetime * _RESIGN_FRACTION:
-            return False
+        if served is not None:
+            lifetime = served.not_after - served.not_before
+            if served.not_after - now > lifetime * _RESIGN_FRACTION:
+                return False
         key = keys.FileKeyStore(unit.key_path).signing_key()
         cert = certs.build_self_signed(
             key, [unit.meta.hostname], now=now, serial_number=unit.meta.serial
         )
         files = unit.identity.files()
-        files[CERT_FILE] = certs.pem_chain([cert])
+        files[target] = certs.pem_chain([cert])
         store.commit(Part.IDENTITY, files)
         logger.info(
             "re-signed the self-signed certificate; code %s unchanged", unit.info.code
