@@ -44,6 +44,8 @@ LOGIN_COOKIE = "unitcert_login"
 FORM_MAX_SIZE = 64 * 1024
 
 _SECURITY_HEADERS = {
+    # Replaces aiohttp's default, which names the Python and aiohttp versions.
+    "Server": "unitcert",
     "Cache-Control": "no-store",
     "X-Frame-Options": "DENY",
     "X-Content-Type-Options": "nosniff",

@@ -119,6 +119,10 @@ async def _handle(request: web.Request) -> web.StreamResponse:
     )
 
 
+async def _name_server(_: web.Request, response: web.StreamResponse) -> None:
+    response.headers["Server"] = "unitcert"
+
+
 def redirect_app(*, https_port: int, bind: str) -> web.Application:
     """Build the plain-HTTP application that redirects to ``https_port``.
 
@@ -131,5 +135,6 @@ def redirect_app(*, https_port: int, bind: str) -> web.Application:
     app[ACME_RESPONSES] = {}
     app[_HTTPS_PORT] = https_port
     app[_BIND] = bind
-    app.router.add_route("*", "/{tail:.*}", _handle)
+    app.on_response_prepare.append(_name_server)
+    app.router.add_route("*", r"/{tail:[\s\S]*}", _handle)
     return app
