@@ -7,6 +7,7 @@ admin pages are driven over real TLS with :mod:`http.client`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import http.client
 import os
 import re
@@ -30,7 +31,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from unitcert import code, device
 from unitcert.errors import InputError
 from unitcert.store import Part, StateStore
-from unitcert.web import run_server
+from unitcert.web import pages, run_server
 
 NEW_PASSWORD = "correct horse battery staple"
 
@@ -727,6 +728,22 @@ def test_logs_hold_no_key_password_or_session_token(server: Server) -> None:
 
 
 # --- in-process ---------------------------------------------------------------------
+
+
+def test_status_page_warns_about_a_copied_state_and_a_failed_reload(
+    tmp_path: Path,
+) -> None:
+    store = StateStore(tmp_path / "state")
+    unit = device.init_unit(store).unit
+    copied = dataclasses.replace(unit, binding_ok=False)
+
+    page = pages.status_page(copied, "token", reload_error="the state is <damaged>")
+    healthy = pages.status_page(unit, "token")
+
+    assert "made on another machine" in page
+    assert "keeps serving the certificate below: the state is &lt;damaged&gt;" in page
+    assert 'class="warning"' not in healthy
+    assert str(unit.info.code).replace("-", "</span><span>") in healthy
 
 
 def test_run_server_reports_a_busy_port_as_input_error(tmp_path: Path) -> None:

@@ -218,8 +218,8 @@ def status_page(
         f"{''.join(_message('warning', w) for w in warnings)}"
         f"{_code_html(str(info.code))}\n"
         "<p>Compare it with the code on your sticker. If every symbol is the same, "
-        "the certificate your browser got is the one this unit made for itself. If "
-        "it differs, you are not talking to your unit.</p>\n"
+        "this page came from your unit and its own key. If it differs, you are not "
+        "talking to your unit: do not log in here again.</p>\n"
         f"<table>\n{table}\n</table>\n"
         f"{_nav(csrf_token, status_link=False, password_link=True)}"
     )
