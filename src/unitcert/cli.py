@@ -451,6 +451,11 @@ def label_command(state_dir: Path, output: Path) -> None:
 
 
 # Commands of other parts register here.
+from unitcert.factory.cli import device_commands, factory  # noqa: E402
+
+main.add_command(factory)
+for command in device_commands:
+    device.add_command(command)
 
 
 def _exit_code_for(error: UnitcertError) -> int:
