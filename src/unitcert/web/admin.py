@@ -139,8 +139,9 @@ async def _plain_errors(request: web.Request, handler: Handler) -> web.StreamRes
             if name in exc.headers:
                 response.headers[name] = exc.headers[name]
         return response
-    except Exception:
-        logger.error("the admin page %s failed", request.path)
+    except Exception as exc:
+        # The type only: a message may quote a form field.
+        logger.error("the admin page %s failed (%s)", request.path, type(exc).__name__)
         logger.debug("admin page failure", exc_info=True)
         return _error(500)
 
