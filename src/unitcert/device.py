@@ -13,14 +13,16 @@ import logging
 import os
 import re
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from unitcert import certs, keys
-from unitcert.code import ALPHABET, qr_payload, spki_from_cert_der
+from unitcert.code import ALPHABET, code_for_spki, qr_payload, spki_from_cert_der
 from unitcert.credential import AdminCredential, new_setup_credential
 from unitcert.errors import InputError, KeyMismatchError, StateError
 from unitcert.store import Generation, Part, StateStore
@@ -61,6 +63,13 @@ META_FILE = "meta.json"
 # certificate is expired (the sticker code stays true).
 FALLBACK_FILE = "fallback.pem"
 ADMIN_FILE = "admin.json"
+# The owner's choice of what to serve, in the local part; absent means the identity.
+SOURCE_FILE = "source"
+# Certificates the owner adds live in the local part: source -> (key, chain).
+LOCAL_SOURCES: dict[str, tuple[str, str]] = {
+    "acme": ("acme-key.pem", "acme-chain.pem"),
+    "custom": ("custom-key.pem", "custom-chain.pem"),
+}
 
 
 def check_label(kind: str, value: str) -> str:
@@ -210,12 +219,18 @@ class Unit:
         chain_path: the certificate chain file to serve (leaf first).
         cert: the leaf certificate served.
         info: a description of the leaf.
-        source: which source is served (``self``, ``factory``, ...).
+        source: which source is served (``self``, ``factory``, ``acme``,
+            ``custom``).
         admin: the admin credential.
         generation: the state's generation number.
         binding_ok: False when the state was made on another machine.
         served_note: a sentence for status and pages when what is served is
-            not what the source would serve (an expired factory certificate).
+            not what the owner chose (an expired factory, ACME or custom
+            certificate), saying what is served instead and why.
+        identity_info: the identity certificate, whose code is on the sticker;
+            the same as ``info`` unless a local source is served.
+        chosen: the source the owner chose in the local part (``acme`` or
+            ``custom``), or None for the unit's own identity.
     """
 
     meta: IdentityMeta
@@ -229,12 +244,12 @@ class Unit:
     generation: int
     binding_ok: bool
     served_note: str | None = None
+    identity_info: certs.CertInfo | None = None
+    chosen: str | None = None
 
     @property
     def spki_der(self) -> bytes:
         """The DER SPKI of the served key, as the certificate carries it."""
-        from cryptography.hazmat.primitives.serialization import Encoding
-
         return spki_from_cert_der(self.cert.public_bytes(Encoding.DER))
 
     @property
@@ -335,12 +350,128 @@ def save_admin_credential(store: StateStore, credential: AdminCredential) -> Non
         store.commit(Part.LOCAL, files)
 
 
-def load_unit(store: StateStore) -> Unit:
-    """Load the unit from its state, checking that key and certificate match.
+@dataclass(frozen=True)
+class _Served:
+    """A key and chain that can be served, checked to belong together."""
+
+    source: str
+    key_path: Path
+    chain_path: Path
+    cert: x509.Certificate
+    info: certs.CertInfo
+
+
+def _spki(public_key: CertificatePublicKeyTypes) -> bytes:
+    return public_key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+
+
+def _read_served(
+    generation: Generation, source: str, key_name: str, chain_name: str
+) -> _Served:
+    """Load a key and chain from a generation and check that they match.
 
     Raises:
-        StateError: there is no identity, or the state is damaged.
-        KeyMismatchError: the stored key and certificate do not belong together.
+        StateError: a file is missing or unreadable.
+        KeyMismatchError: the certificate is not for the key.
+    """
+    try:
+        chain = x509.load_pem_x509_certificates(generation.read(chain_name))
+    except ValueError as exc:
+        raise StateError(
+            f"the state is damaged: its {source} certificate is unreadable"
+        ) from exc
+    key_path = generation.path / key_name
+    key = keys.FileKeyStore(key_path).signing_key()
+    leaf = chain[0]
+    info = certs.cert_info(leaf)
+    key_spki = _spki(key.public_key())
+    if key_spki != _spki(leaf.public_key()):
+        key_code = str(code_for_spki(key_spki))
+        raise KeyMismatchError(
+            f"the state is damaged: its {source} certificate (key {info.code}) does "
+            f"not match its private key ({key_code}): reset the unit",
+            cert_code=str(info.code),
+            key_code=key_code,
+        )
+    return _Served(source, key_path, generation.path / chain_name, leaf, info)
+
+
+def _identity_served(
+    identity: Generation, meta: IdentityMeta
+) -> tuple[_Served, str | None]:
+    """The identity's certificate, or its self-signed fallback when a factory
+    certificate has expired; with a note when the fallback is used."""
+    served = _read_served(identity, meta.source, KEY_FILE, CERT_FILE)
+    if meta.source != "factory" or served.info.not_after >= _now():
+        return served, None
+    expired = f"the factory certificate expired on {served.info.not_after:%Y-%m-%d}"
+    if not identity.has(FALLBACK_FILE):
+        return served, f"{expired}: have the maker re-issue it"
+    fallback = _read_served(identity, "self", KEY_FILE, FALLBACK_FILE)
+    return fallback, (
+        f"{expired}: serving a self-signed certificate for the same key "
+        "(the sticker code still applies) until the maker re-issues it"
+    )
+
+
+def _local_served(
+    local: Generation, chosen: str, fallback: _Served
+) -> tuple[_Served, str | None]:
+    """The owner's chosen certificate, or the identity with a note saying why not.
+
+    The unit never serves an expired certificate when a valid one exists, and
+    a damaged local certificate never stops it from serving.
+    """
+    key_name, chain_name = LOCAL_SOURCES[chosen]
+    if not (local.has(key_name) and local.has(chain_name)):
+        return fallback, (
+            f"the {chosen} certificate is missing: serving the unit's own identity"
+        )
+    try:
+        served = _read_served(local, chosen, key_name, chain_name)
+    except (StateError, KeyMismatchError, InputError) as exc:
+        logger.error("cannot serve the %s certificate: %s", chosen, exc)
+        return fallback, (
+            f"the {chosen} certificate cannot be served ({exc}): serving the "
+            "unit's own identity"
+        )
+    now = _now()
+    if served.info.not_after < now:
+        return fallback, (
+            f"the {chosen} certificate expired on {served.info.not_after:%Y-%m-%d}: "
+            "serving the unit's own identity until it is renewed or replaced"
+        )
+    if served.info.not_before > now:
+        return fallback, (
+            f"the {chosen} certificate is not valid before "
+            f"{served.info.not_before:%Y-%m-%d %H:%M} UTC: serving the unit's own "
+            "identity until then"
+        )
+    return served, None
+
+
+def chosen_source(local: Generation | None) -> str | None:
+    """Return the local source the owner chose (``acme``/``custom``), or None."""
+    if local is None or not local.has(SOURCE_FILE):
+        return None
+    choice = local.read(SOURCE_FILE).decode("ascii", "replace").strip()
+    if choice not in LOCAL_SOURCES:
+        logger.warning("ignoring an unknown certificate source %r in the state", choice)
+        return None
+    return choice
+
+
+def load_unit(store: StateStore) -> Unit:
+    """Load the unit from its state: what it serves, and why.
+
+    The identity (self-signed or factory) is served unless the owner chose a
+    local source (``acme`` or ``custom``) that holds a currently valid
+    certificate.
+
+    Raises:
+        StateError: there is no identity, or the identity is damaged.
+        KeyMismatchError: the identity's key and certificate do not belong
+            together.
     """
     identity = store.current(Part.IDENTITY)
     if identity is None:
@@ -349,43 +480,13 @@ def load_unit(store: StateStore) -> Unit:
             f"'unitcert device init --state {store.root}' first"
         )
     meta = IdentityMeta.from_json(identity.read(META_FILE))
-    try:
-        chain = x509.load_pem_x509_certificates(identity.read(CERT_FILE))
-    except ValueError as exc:
-        raise StateError("the state is damaged: its certificate is unreadable") from exc
-    key = keys.FileKeyStore(identity.path / KEY_FILE).signing_key()
-    leaf = chain[0]
-    info = certs.cert_info(leaf)
-    chain_path = identity.path / CERT_FILE
-    served_note = None
-    if meta.source == "factory" and info.not_after < _now():
-        expired = f"the factory certificate expired on {info.not_after:%Y-%m-%d}"
-        if identity.has(FALLBACK_FILE):
-            chain_path = identity.path / FALLBACK_FILE
-            leaf = x509.load_pem_x509_certificate(identity.read(FALLBACK_FILE))
-            info = certs.cert_info(leaf)
-            served_note = (
-                f"{expired}: serving a self-signed certificate for the same key "
-                "(the sticker code still applies) until the maker re-issues it"
-            )
-        else:
-            served_note = f"{expired}: have the maker re-issue it"
-    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-
-    def spki(k: object) -> bytes:
-        return k.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)  # type: ignore[attr-defined,no-any-return]
-
-    if spki(key.public_key()) != spki(leaf.public_key()):
-        from unitcert.code import code_for_spki
-
-        key_code = str(code_for_spki(spki(key.public_key())))
-        raise KeyMismatchError(
-            f"the state is damaged: its certificate (key {info.code}) does not match "
-            f"its private key ({key_code}): reset the unit",
-            cert_code=str(info.code),
-            key_code=key_code,
-        )
+    own, note = _identity_served(identity, meta)
     local = store.current(Part.LOCAL)
+    chosen = chosen_source(local)
+    served = own
+    if local is not None and chosen is not None:
+        served, local_note = _local_served(local, chosen, own)
+        note = local_note or note
     admin = (
         AdminCredential.from_json(local.read(ADMIN_FILE))
         if local is not None and local.has(ADMIN_FILE)
@@ -394,16 +495,75 @@ def load_unit(store: StateStore) -> Unit:
     return Unit(
         meta=meta,
         identity=identity,
-        key_path=identity.path / KEY_FILE,
-        chain_path=chain_path,
-        cert=leaf,
-        info=info,
-        source=meta.source,
+        key_path=served.key_path,
+        chain_path=served.chain_path,
+        cert=served.cert,
+        info=served.info,
+        source=served.source,
         admin=admin,
         generation=store.generation(),
         binding_ok=_binding_matches(meta),
-        served_note=served_note,
+        served_note=note,
+        identity_info=own.info,
+        chosen=chosen,
     )
+
+
+def install_local_source(
+    store: StateStore,
+    source: str,
+    *,
+    key_pem: bytes,
+    chain_pem: bytes,
+    extra_files: Mapping[str, bytes] | None = None,
+    select: bool = True,
+) -> Unit:
+    """Put a key and chain for ``source`` into the local part in one atomic commit.
+
+    The caller has checked them (chain, key match, weakness); this only
+    stores them, with ``extra_files`` (e.g. ACME account data), and makes
+    ``source`` the one served when ``select`` is true.
+
+    Raises:
+        ValueError: ``source`` is not a local source.
+    """
+    if source not in LOCAL_SOURCES:
+        raise ValueError(f"not a local certificate source: {source!r}")
+    key_name, chain_name = LOCAL_SOURCES[source]
+    with store.lock():
+        local = store.current(Part.LOCAL)
+        files = local.files() if local is not None else {}
+        files.update(extra_files or {})
+        files[key_name] = key_pem
+        files[chain_name] = chain_pem
+        if select:
+            files[SOURCE_FILE] = source.encode("ascii")
+        store.commit(Part.LOCAL, files)
+    return load_unit(store)
+
+
+def select_source(store: StateStore, source: str | None) -> Unit:
+    """Serve ``source`` (``acme``/``custom``), or the unit's own identity for None.
+
+    Raises:
+        ValueError: ``source`` is not a local source.
+        InputError: the state holds no certificate for ``source``.
+    """
+    with store.lock():
+        local = store.current(Part.LOCAL)
+        files = local.files() if local is not None else {}
+        if source is None:
+            files.pop(SOURCE_FILE, None)
+        else:
+            if source not in LOCAL_SOURCES:
+                raise ValueError(f"not a local certificate source: {source!r}")
+            if not all(name in files for name in LOCAL_SOURCES[source]):
+                raise InputError(
+                    f"the unit has no {source} certificate to serve: install one first"
+                )
+            files[SOURCE_FILE] = source.encode("ascii")
+        store.commit(Part.LOCAL, files)
+    return load_unit(store)
 
 
 def _binding_matches(meta: IdentityMeta) -> bool:
@@ -459,30 +619,38 @@ def init_unit(
             generator=generator,
             bind_to_serial=bind_to_serial,
         )
-        meta = IdentityMeta.from_json(store.current(Part.IDENTITY).read(META_FILE))  # type: ignore[union-attr]
-        _ensure_admin(store, meta)
+        unit = load_unit(store)
+        _ensure_admin(store, unit.meta)
         return InitResult(load_unit(store), created=True)
 
 
 def start_unit(
     store: StateStore,
     *,
+    serial: str | None = None,
+    product: str = DEFAULT_PRODUCT,
+    domain: str = DEFAULT_DOMAIN,
+    key_type: keys.KeyType = keys.KeyType.P256,
     entropy_timeout: float = keys.DEFAULT_ENTROPY_TIMEOUT,
     generator: Callable[[keys.KeyType], keys.PrivateKey] = keys.generate_key,
     now: dt.datetime | None = None,
-    **init_options: str,
 ) -> InitResult:
     """What a unit does when its agent starts: init if needed, check the machine
     binding, adopt a station binding, keep the self-signed certificate fresh.
+
+    The identity options are used only when the unit has no identity yet.
 
     Raises:
         The errors of :func:`init_unit` and :func:`load_unit`.
     """
     result = init_unit(
         store,
+        serial=serial,
+        product=product,
+        domain=domain,
+        key_type=key_type,
         entropy_timeout=entropy_timeout,
         generator=generator,
-        **init_options,  # type: ignore[arg-type]
     )
     notes = list(result.notes)
     created = result.created
