@@ -252,7 +252,6 @@ def test_status_json_and_pin_match_what_a_client_receives(
             "curl",
             "-sS",
             "-k",
-            "-L",
             "--pinnedpubkey",
             status["spki_pin"],
             f"https://{served_unit.address}/",

@@ -223,3 +223,82 @@ def test_invalid_names_are_refused_before_anything_is_written(tmp_path: Path) ->
         state = tmp_path / option.strip("-")
         assert run(["device", "init", "--state", str(state), option, value]) == 1
         assert not state.exists()
+
+
+def _custom_material(
+    hostname: str, *, days: int, start: dt.datetime | None = None
+) -> tuple[bytes, bytes]:
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from unitcert import certs, keys
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = certs.build_self_signed(
+        key, [hostname], now=start, validity=dt.timedelta(days=days)
+    )
+    return keys.key_pem(key), certs.pem_chain([cert])
+
+
+def test_chosen_local_certificate_is_served_and_identity_code_kept(
+    tmp_path: Path,
+) -> None:
+    store = StateStore(tmp_path / "state")
+    own = device.init_unit(store, serial="sn1").unit
+    key_pem, chain_pem = _custom_material("nas.corp.example", days=90)
+
+    unit = device.install_local_source(
+        store, "custom", key_pem=key_pem, chain_pem=chain_pem
+    )
+
+    assert unit.source == "custom" and unit.chosen == "custom"
+    assert unit.info.names == ("nas.corp.example",)
+    assert unit.identity_info is not None
+    assert unit.identity_info.code == own.info.code != unit.info.code
+    assert unit.served_note is None
+    back = device.select_source(store, None)
+    assert back.source == "self" and back.info.code == own.info.code
+
+
+def test_expired_local_certificate_falls_back_to_identity_with_a_note(
+    tmp_path: Path,
+) -> None:
+    store = StateStore(tmp_path / "state")
+    own = device.init_unit(store, serial="sn1").unit
+    long_ago = dt.datetime.now(dt.UTC) - dt.timedelta(days=200)
+    key_pem, chain_pem = _custom_material("nas.corp.example", days=90, start=long_ago)
+
+    unit = device.install_local_source(
+        store, "acme", key_pem=key_pem, chain_pem=chain_pem
+    )
+
+    assert unit.chosen == "acme"
+    assert unit.source == "self" and unit.info.code == own.info.code
+    assert (
+        unit.served_note is not None and "acme certificate expired" in unit.served_note
+    )
+
+
+def test_damaged_local_certificate_never_stops_the_unit_serving(tmp_path: Path) -> None:
+    store = StateStore(tmp_path / "state")
+    own = device.init_unit(store, serial="sn1").unit
+    key_pem, _ = _custom_material("a.example", days=90)
+    _, other_chain = _custom_material("a.example", days=90)
+
+    unit = device.install_local_source(
+        store, "custom", key_pem=key_pem, chain_pem=other_chain
+    )
+
+    assert unit.source == "self" and unit.info.code == own.info.code
+    assert unit.served_note is not None and "cannot be served" in unit.served_note
+
+
+def test_selecting_a_source_without_a_certificate_is_refused(tmp_path: Path) -> None:
+    from unitcert.errors import InputError
+
+    store = StateStore(tmp_path / "state")
+    device.init_unit(store)
+    generation = store.generation()
+
+    with pytest.raises(InputError, match="no acme certificate"):
+        device.select_source(store, "acme")
+    assert store.generation() == generation

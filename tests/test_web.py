@@ -491,11 +491,12 @@ def test_http_redirect_cannot_inject_headers(shared_server: Server) -> None:
 # --- pages, headers, errors -------------------------------------------------------
 
 
-def test_root_redirects_to_login_when_not_logged_in(shared_server: Server) -> None:
+def test_root_shows_the_login_form_when_not_logged_in(shared_server: Server) -> None:
     reply = Browser(shared_server.https_port).get("/")
 
-    assert reply.status == 303
-    assert reply.location == "/login"
+    assert reply.status == 200
+    assert 'action="/login"' in reply.body
+    assert "unit's fingerprint code" not in reply.body
 
 
 @pytest.mark.parametrize("path", ["/", "/login", "/style.css", "/nowhere"])
@@ -538,7 +539,7 @@ def test_login_with_a_wrong_password_fails(shared_server: Server) -> None:
     assert reply.status == 200
     assert "That password is not right." in reply.body
     assert "unitcert_session" not in browser.cookies
-    assert browser.get("/").location == "/login"
+    assert 'action="/login"' in browser.get("/").body
 
 
 def test_session_cookie_is_secure_httponly_and_samesite_strict(
@@ -680,7 +681,8 @@ def test_setup_credential_forces_a_new_password_at_first_login(server: Server) -
     assert "".join(f"<span>{g}</span>" for g in groups) in status.body
     assert "compare it with the code on your sticker" in status.body.lower()
     assert f"sha256//{unit.info.pin}" in status.body
-    assert other.get("/").location == "/login"  # opened before the change
+    logged_out = other.get("/")  # a browser logged in before the change
+    assert logged_out.status == 200 and 'action="/login"' in logged_out.body
     assert "not right" in Browser(server.https_port).login(setup).body
     again = Browser(server.https_port)
     assert again.login(NEW_PASSWORD).location == "/"

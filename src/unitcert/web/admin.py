@@ -213,7 +213,8 @@ class _AdminPages:
     async def status(self, request: web.Request) -> web.StreamResponse:
         session = self._session(request)
         if session is None:
-            return _see_other("/login")
+            # The start page of a unit is its login form (as `curl /` shows).
+            return self._login_page(request)
         if self._must_change():
             return _see_other("/password")
         notice = "Your new password is set." if "changed" in request.query else None

@@ -197,6 +197,8 @@ def status_page(
             "This unit's state was made on another machine (a copied disk image?). "
             "Its key may be shared with other units: have the maker check this unit."
         )
+    if unit.served_note:
+        warnings.append(f"{unit.served_note[0].upper()}{unit.served_note[1:]}.")
     if reload_error:
         warnings.append(
             "The unit could not load its latest settings and keeps serving the "
