@@ -271,6 +271,9 @@ def _status_record(unit: agent.Unit, store: StateStore) -> dict[str, object]:
             "matches_this_machine": unit.binding_ok,
         },
         "admin_password_set": unit.admin is not None and not unit.admin.must_change,
+        "chosen_source": unit.chosen,
+        "identity_code": str(unit.identity_info.code) if unit.identity_info else None,
+        "note": unit.served_note,
     }
     # The setup credential is for the local operator only (DESIGN.md).
     if os.geteuid() == 0 and unit.admin is not None and unit.admin.must_change:
@@ -290,12 +293,7 @@ def device_status(state_dir: Path, as_json: bool) -> None:
         click.echo(json.dumps(record, indent=2))
         return
     click.echo(f"Unit {unit.meta.hostname} ({store.root})")
-    _echo_field(
-        "Source",
-        {"self": "self-signed", "factory": "factory (maker's CA)"}.get(
-            unit.source, unit.source
-        ),
-    )
+    _echo_field("Source", agent.describe_source(unit.source))
     _echo_field("Names", ", ".join(unit.info.names))
     _echo_field(
         "Valid",
@@ -304,8 +302,12 @@ def device_status(state_dir: Path, as_json: bool) -> None:
     )
     _echo_field("Key", f"{unit.info.key_type} ({record['key_location']})")
     _echo_field("Code", unit.info.code)
+    if unit.identity_info is not None and unit.identity_info.code != unit.info.code:
+        _echo_field("Sticker", f"{unit.identity_info.code} (the unit's own identity)")
     _echo_field("SPKI pin", record["spki_pin"])
     _echo_field("Generation", unit.generation)
+    if unit.served_note:
+        _echo_field("Note", unit.served_note)
     binding = "this machine" if unit.binding_ok else "ANOTHER MACHINE (cloned image?)"
     _echo_field("Bound to", f"{unit.meta.binding.describe()}: {binding}")
     if "setup_credential" in record:

@@ -36,6 +36,7 @@ __all__ = [
     "Unit",
     "check_label",
     "current_binding",
+    "describe_source",
     "init_unit",
     "load_unit",
     "machine_id",
@@ -70,6 +71,19 @@ LOCAL_SOURCES: dict[str, tuple[str, str]] = {
     "acme": ("acme-key.pem", "acme-chain.pem"),
     "custom": ("custom-key.pem", "custom-chain.pem"),
 }
+
+
+_SOURCE_NAMES = {
+    "self": "self-signed",
+    "factory": "factory (the maker's CA)",
+    "acme": "ACME (Let's Encrypt or another ACME CA)",
+    "custom": "custom (installed by the owner)",
+}
+
+
+def describe_source(source: str) -> str:
+    """Return the name users see for a certificate source (``self`` is self-signed)."""
+    return _SOURCE_NAMES.get(source, source)
 
 
 def check_label(kind: str, value: str) -> str:

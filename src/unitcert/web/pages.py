@@ -10,9 +10,9 @@ from __future__ import annotations
 import datetime as dt
 from html import escape
 
+from unitcert import device
 from unitcert.credential import MIN_PASSWORD_LENGTH
 from unitcert.device import Unit
-from unitcert.web.tls import describe_source
 
 __all__ = [
     "STYLESHEET",
@@ -205,7 +205,11 @@ def status_page(
             f"certificate below: {reload_error}"
         )
     rows = [
-        ("Source", describe_source(unit.source), _SOURCE_HELP.get(unit.source, "")),
+        (
+            "Source",
+            device.describe_source(unit.source),
+            _SOURCE_HELP.get(unit.source, ""),
+        ),
         ("Host name", unit.meta.hostname, ""),
         ("Names in the certificate", ", ".join(info.names) or "(none)", ""),
         ("Valid", _validity(unit, now), ""),

@@ -27,7 +27,6 @@ from unitcert.store import StateStore
 
 __all__ = [
     "CertificateSwitch",
-    "describe_source",
     "server_context",
 ]
 
@@ -45,13 +44,6 @@ _TLS12_CIPHERS = ":".join(
         "ECDHE-RSA-CHACHA20-POLY1305",
     ]
 )
-
-_SOURCE_NAMES = {"self": "self-signed", "factory": "factory"}
-
-
-def describe_source(source: str) -> str:
-    """Return the name users see for a certificate source (``self`` is self-signed)."""
-    return _SOURCE_NAMES.get(source, source)
 
 
 def server_context(chain_path: Path, key_path: Path) -> ssl.SSLContext:
@@ -172,6 +164,6 @@ class CertificateSwitch:
         logger.info(
             "now serving %s (%s) from generation %d",
             unit.info.code,
-            describe_source(unit.source),
+            device.describe_source(unit.source),
             unit.generation,
         )
