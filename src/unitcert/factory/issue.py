@@ -36,7 +36,7 @@ from gmpy2 import mpz
 from sqlalchemy import exc
 
 from unitcert import certs, quality
-from unitcert.code import FingerprintCode
+from unitcert.code import FingerprintCode, code_for_spki, spki_from_cert_der
 from unitcert.device import check_label
 from unitcert.errors import DuplicateError, InputError, WeakKeyError
 from unitcert.factory import primes
@@ -410,7 +410,9 @@ class Issuer:
             hostname=request.hostname,
             cert=cert,
             chain_pem=certs.pem_chain([cert]) + self._issuing_pem,
-            code=certs.cert_info(cert).code,
+            code=code_for_spki(
+                spki_from_cert_der(cert.public_bytes(serialization.Encoding.DER))
+            ),
             prime_check=prime_check,
         )
 
@@ -448,8 +450,7 @@ class Issuer:
                     if moduli and added != 1:
                         self._recheck(items, added)
                     self._moduli.append(session, [m for m in moduli + queued if m])
-                for request, cert, check, new_key in items:
-                    self._write_unit(session, request, cert, check, new_key, reissue)
+                self._write_units(session, items, reissue=reissue)
         except exc.IntegrityError as error:
             self._moduli.forget()
             request = items[0][0]
@@ -471,79 +472,78 @@ class Issuer:
                 if factor != 1:
                     raise _shared_prime_error(request.serial, None)
 
-    def _write_unit(
+    def _write_units(
         self,
         session: sa.orm.Session,
-        request: CheckedRequest,
-        cert: x509.Certificate,
-        prime_check: str,
-        new_key: bool,
+        items: Sequence[tuple[CheckedRequest, x509.Certificate, str, bool]],
+        *,
         reissue: bool,
     ) -> None:
         issued_at = _now()
-        cert_serial = format(cert.serial_number, "x")
-        cert_pem = cert.public_bytes(serialization.Encoding.PEM).decode("ascii")
-        modulus = (
-            request.modulus.to_bytes((request.modulus.bit_length() + 7) // 8, "big")
-            if request.modulus is not None
-            else None
-        )
-        if new_key:
-            session.add(
-                KeyRow(
-                    spki_sha256=request.spki_sha256,
-                    serial=request.serial,
-                    registered_at=issued_at,
+        key_rows: list[dict[str, object]] = []
+        cert_rows: list[dict[str, object]] = []
+        unit_rows: list[dict[str, object]] = []
+        for request, cert, prime_check, new_key in items:
+            modulus = request.modulus
+            record: dict[str, object] = {
+                "spki_sha256": request.spki_sha256,
+                "key_type": request.key_type,
+                "rsa_modulus": (
+                    None
+                    if modulus is None
+                    else modulus.to_bytes((modulus.bit_length() + 7) // 8, "big")
+                ),
+                "prime_check": prime_check,
+                "cert_serial": format(cert.serial_number, "x"),
+                "cert_pem": cert.public_bytes(serialization.Encoding.PEM).decode(),
+                "not_after": cert.not_valid_after_utc,
+                "issued_at": issued_at,
+            }
+            if new_key:
+                key_rows.append(
+                    {
+                        "spki_sha256": request.spki_sha256,
+                        "serial": request.serial,
+                        "registered_at": issued_at,
+                    }
                 )
+            cert_rows.append(
+                {
+                    "cert_serial": record["cert_serial"],
+                    "serial": request.serial,
+                    "spki_sha256": request.spki_sha256,
+                    "issued_at": issued_at,
+                    "not_after": record["not_after"],
+                    "cert_pem": record["cert_pem"],
+                }
             )
-        session.add(
-            CertificateRow(
-                cert_serial=cert_serial,
-                serial=request.serial,
-                spki_sha256=request.spki_sha256,
-                issued_at=issued_at,
-                not_after=cert.not_valid_after_utc,
-                cert_pem=cert_pem,
-            )
-        )
-        row = self.registry.unit(session, request.serial) if reissue else None
-        if row is None:
-            session.add(
-                UnitRow(
-                    serial=request.serial,
-                    hostname=request.hostname,
-                    spki_sha256=request.spki_sha256,
-                    key_type=request.key_type,
-                    rsa_modulus=modulus,
-                    prime_check=prime_check,
-                    cert_serial=cert_serial,
-                    cert_pem=cert_pem,
-                    not_after=cert.not_valid_after_utc,
-                    issued_at=issued_at,
-                    first_issued_at=issued_at,
-                    status="active",
-                    label_printed=False,
+            row = self.registry.unit(session, request.serial) if reissue else None
+            if row is None:
+                unit_rows.append(
+                    record
+                    | {
+                        "serial": request.serial,
+                        "hostname": request.hostname,
+                        "first_issued_at": issued_at,
+                        "status": "active",
+                        "label_printed": False,
+                    }
                 )
-            )
-            session.flush()
-            return
-        if row.status == "revoked":
-            raise InputError(
-                f"unit {request.serial} was revoked meanwhile: nothing was issued"
-            )
-        if new_key:
-            self._revoke_certificates(
-                session, request.serial, x509.ReasonFlags.superseded, issued_at
-            )
-        row.spki_sha256 = request.spki_sha256
-        row.key_type = request.key_type
-        row.rsa_modulus = modulus
-        row.prime_check = prime_check
-        row.cert_serial = cert_serial
-        row.cert_pem = cert_pem
-        row.not_after = cert.not_valid_after_utc
-        row.issued_at = issued_at
-        session.flush()
+                continue
+            if row.status == "revoked":
+                raise InputError(
+                    f"unit {request.serial} was revoked meanwhile: nothing was issued"
+                )
+            if new_key:
+                self._revoke_certificates(
+                    session, request.serial, x509.ReasonFlags.superseded, issued_at
+                )
+            for name, value in record.items():
+                setattr(row, name, value)
+        for model, rows in ((KeyRow, key_rows), (UnitRow, unit_rows)):
+            if rows:
+                session.execute(sa.insert(model), rows)
+        session.execute(sa.insert(CertificateRow), cert_rows)
 
     def reissue(
         self,
@@ -689,23 +689,20 @@ class Issuer:
         self, checked: list[CheckedRequest], refused: list[tuple[str, str]]
     ) -> list[CheckedRequest]:
         taken = self.registry.existing_serials([r.serial for r in checked])
+        owners = self.registry.key_owners([r.spki_sha256 for r in checked])
         kept = []
-        with self.registry.transaction() as session:
-            for request in checked:
-                owner = self.registry.key_owner(session, request.spki_sha256)
-                if request.serial in taken:
-                    refused.append(
-                        (request.serial, f"serial {request.serial} was already issued")
-                    )
-                elif owner is not None:
-                    refused.append(
-                        (
-                            request.serial,
-                            str(key_taken_error(request.spki_sha256, owner)),
-                        )
-                    )
-                else:
-                    kept.append(request)
+        for request in checked:
+            owner = owners.get(request.spki_sha256)
+            if request.serial in taken:
+                refused.append(
+                    (request.serial, f"serial {request.serial} was already issued")
+                )
+            elif owner is not None:
+                refused.append(
+                    (request.serial, str(key_taken_error(request.spki_sha256, owner)))
+                )
+            else:
+                kept.append(request)
         return kept
 
     def _refuse_batch_primes(

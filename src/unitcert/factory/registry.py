@@ -407,6 +407,24 @@ class Registry:
                 )
         return found
 
+    def key_owners(self, spki_hashes: Sequence[str]) -> dict[str, str]:
+        """Map those of ``spki_hashes`` that are registered to their serials.
+
+        Raises:
+            RegistryError: the database failed.
+        """
+        found: dict[str, str] = {}
+        with self._mapped_errors("read"), self._sessions() as session:
+            for start in range(0, len(spki_hashes), 500):
+                chunk = list(spki_hashes[start : start + 500])
+                rows = session.execute(
+                    sa.select(KeyRow.spki_sha256, KeyRow.serial).where(
+                        KeyRow.spki_sha256.in_(chunk)
+                    )
+                )
+                found.update({digest: serial for digest, serial in rows})
+        return found
+
     def mark_label_printed(self, serial: str) -> None:
         """Record that the sticker of ``serial`` was printed.
 
