@@ -452,12 +452,17 @@ def label_command(state_dir: Path, output: Path) -> None:
     )
 
 
-# Commands of other parts register here.
-from unitcert.factory.cli import device_commands, factory  # noqa: E402
+def _register_parts() -> None:
+    """Add the commands that other parts of unitcert define."""
+    # Commands of other parts register here (imports stay inside this function).
+    from unitcert.factory.cli import device_commands, factory
 
-main.add_command(factory)
-for command in device_commands:
-    device.add_command(command)
+    main.add_command(factory)
+    for command in device_commands:
+        device.add_command(command)
+
+
+_register_parts()
 
 
 def _exit_code_for(error: UnitcertError) -> int:
