@@ -95,7 +95,10 @@ def _all_commands(
     group: click.Group, prefix: tuple[str, ...] = ()
 ) -> Iterator[tuple[str, ...]]:
     yield prefix
-    for name, command in group.commands.items():
+    context = click.Context(group)
+    for name in group.list_commands(context):
+        command = group.get_command(context, name)
+        assert command is not None, name
         if isinstance(command, click.Group):
             yield from _all_commands(command, (*prefix, name))
         else:

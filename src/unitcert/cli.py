@@ -6,6 +6,7 @@ only with ``-v``.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -106,7 +107,32 @@ def _verbose(ctx: click.Context) -> int:
     return int(root.params.get("verbose", 0))
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class LazyGroup(click.Group):
+    """A command group whose commands from other parts are imported on first use.
+
+    Attributes:
+        lazy_commands: command name to ``"module:attribute"`` of its
+            ``click.Command``.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lazy_commands: dict[str, str] = {}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        """List the group's own commands and the lazy ones, sorted."""
+        return sorted({*super().list_commands(ctx), *self.lazy_commands})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        """Return the command, importing its module the first time it is used."""
+        if cmd_name in self.lazy_commands and cmd_name not in self.commands:
+            module_name, attribute = self.lazy_commands[cmd_name].split(":")
+            command = getattr(importlib.import_module(module_name), attribute)
+            self.add_command(command, cmd_name)
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", count=True, help="Show debug logs and tracebacks.")
 @click.version_option(__version__, prog_name="unitcert")
 def main(verbose: int) -> None:
@@ -117,7 +143,7 @@ def main(verbose: int) -> None:
     _configure_logging(verbose, level=logging.WARNING)
 
 
-@main.group()
+@main.group(cls=LazyGroup)
 def device() -> None:
     """Commands that run on the unit: first boot, serving, status, reset."""
 
@@ -452,17 +478,19 @@ def label_command(state_dir: Path, output: Path) -> None:
     )
 
 
-def _register_parts() -> None:
-    """Add the commands that other parts of unitcert define."""
-    # Commands of other parts register here (imports stay inside this function).
-    from unitcert.factory.cli import device_commands, factory
-
-    main.add_command(factory)
-    for command in device_commands:
-        device.add_command(command)
-
-
-_register_parts()
+# Commands of other parts register here: name -> "module:attribute". They are
+# imported only when used, so that a unit's `serve` and `status` never pay for
+# the factory's database or the audit's number crunching.
+_PART_COMMANDS: dict[str, str] = {
+    "factory": "unitcert.factory.cli:factory",
+}
+_DEVICE_PART_COMMANDS: dict[str, str] = {
+    "csr": "unitcert.factory.cli:csr_command",
+    "install-identity": "unitcert.factory.cli:install_identity_command",
+}
+for _group, _table in ((main, _PART_COMMANDS), (device, _DEVICE_PART_COMMANDS)):
+    assert isinstance(_group, LazyGroup)
+    _group.lazy_commands.update(_table)
 
 
 def _exit_code_for(error: UnitcertError) -> int:
