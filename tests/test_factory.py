@@ -23,9 +23,10 @@ from pathlib import Path
 import gmpy2
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
 from test_factory_support import (
     PASSPHRASE,
     csr_pem,
@@ -36,7 +37,6 @@ from test_factory_support import (
     pool_rsa_key,
     rsa_key_from_primes,
 )
-
 from unitcert import certs, device, keys
 from unitcert.cli import run
 from unitcert.code import code_for_spki, spki_from_cert_der
@@ -67,8 +67,15 @@ class Factory:
 
     def cli(self, *args: str) -> int:
         return run(
-            ["factory", args[0], "--dir", str(self.directory)]
-            + ["--passphrase-file", str(self.passphrase_file), *args[1:]]
+            [
+                "factory",
+                args[0],
+                "--dir",
+                str(self.directory),
+                "--passphrase-file",
+                str(self.passphrase_file),
+                *args[1:],
+            ]
         )
 
 
@@ -156,8 +163,16 @@ def test_wrong_passphrase_is_one_clear_sentence(
     wrong.write_text("not the passphrase\n")
 
     code = run(
-        ["factory", "reissue", "--dir", str(factory.directory), "--serial", "x1"]
-        + ["--passphrase-file", str(wrong)]
+        [
+            "factory",
+            "reissue",
+            "--dir",
+            str(factory.directory),
+            "--serial",
+            "x1",
+            "--passphrase-file",
+            str(wrong),
+        ]
     )
 
     assert code == 1
@@ -174,15 +189,33 @@ def test_init_takes_the_passphrase_from_the_environment_never_an_argument(
 
     assert (
         run(
-            ["factory", "init", "--dir", str(directory)]
-            + ["--domain", "example.com", "--product", "cam"]
+            [
+                "factory",
+                "init",
+                "--dir",
+                str(directory),
+                "--domain",
+                "example.com",
+                "--product",
+                "cam",
+            ]
         )
         == 0
     )
     assert (
         run(
-            ["factory", "init", "--dir", str(directory), "--passphrase", "x"]
-            + ["--domain", "example.com", "--product", "cam"]
+            [
+                "factory",
+                "init",
+                "--dir",
+                str(directory),
+                "--passphrase",
+                "x",
+                "--domain",
+                "example.com",
+                "--product",
+                "cam",
+            ]
         )
         == 2
     )
@@ -214,8 +247,18 @@ def test_csr_issue_install_gives_a_chain_openssl_verifies(
     state = tmp_path / "unit"
     assert (
         run(
-            ["device", "init", "--state", str(state), "--serial", "s1"]
-            + ["--product", "router", "--domain", "example.com"]
+            [
+                "device",
+                "init",
+                "--state",
+                str(state),
+                "--serial",
+                "s1",
+                "--product",
+                "router",
+                "--domain",
+                "example.com",
+            ]
         )
         == 0
     )
@@ -335,7 +378,9 @@ def test_issue_refuses_a_csr_whose_signature_does_not_verify(factory: Factory) -
 
 
 def test_issue_refuses_a_key_below_policy(factory: Factory) -> None:
-    small = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+    # 1024 bits, from two 512-bit primes (generating one would be flagged too).
+    half = [int(gmpy2.next_prime(1 << 511 | 1 << 510 | n << 300)) for n in (5, 9)]
+    small = rsa_key_from_primes(*half)
     _refused_and_nothing_written(
         factory, InputError, "1024 bits, outside the policy", csr_pem(small, "b2"), "b2"
     )
