@@ -27,6 +27,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import gmpy2
 import sqlalchemy as sa
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -754,20 +755,41 @@ class Issuer:
             queued = primes.product(moduli)
             rest = [primes.product(self._moduli.products) // queued]
             factors = primes.batch_shared_factors(moduli, rest)
-            shared = []
-            for row, factor in zip(rows, factors, strict=True):
-                row.prime_check = "clean" if factor == 1 else "shared"
-                if factor != 1:
-                    shared.append(row.serial)
-                    logger.error(
-                        "unit %s has an RSA key that shares a prime factor with "
-                        "another unit's: revoke it and re-key it",
-                        row.serial,
-                    )
-        logger.info(
-            "checked %d queued moduli; %d share a prime", len(rows), len(shared)
-        )
-        return tuple(shared)
+            hits = [
+                (row, modulus)
+                for row, modulus, factor in zip(rows, moduli, factors, strict=True)
+                if factor != 1
+            ]
+            for row in rows:
+                row.prime_check = "clean"
+            # The units they share with have factorable keys too.
+            shared = self._partners(session, [modulus for _, modulus in hits])
+            for row, _ in hits:
+                shared.append(row)
+            for row in shared:
+                row.prime_check = "shared"
+                logger.error(
+                    "unit %s has an RSA key that shares a prime factor with another "
+                    "unit's: revoke it and re-key it",
+                    row.serial,
+                )
+        logger.info("checked %d queued moduli; %d share a prime", len(rows), len(hits))
+        return tuple(sorted({row.serial for row in shared}))
+
+    @staticmethod
+    def _partners(session: sa.orm.Session, moduli: Sequence[int]) -> list[UnitRow]:
+        """The registered units whose modulus shares a prime with one of ``moduli``."""
+        if not moduli:
+            return []
+        found = []
+        rows = session.execute(
+            sa.select(UnitRow).where(UnitRow.rsa_modulus.is_not(None))
+        ).scalars()
+        for row in rows:
+            mine = int.from_bytes(row.rsa_modulus or b"", "big")
+            if any(m != mine and gmpy2.gcd(m, mine) != 1 for m in moduli):
+                found.append(row)
+        return found
 
     def _revoke_certificates(
         self,
