@@ -461,6 +461,14 @@ def test_issue_refuses_an_rsa_key_sharing_a_prime_with_a_registered_one(
         csr_pem(pool_rsa_key(3, 4), "r3"),
         "r3",
     )
+    # Both of its primes registered, in two other units: still named.
+    _refused_and_nothing_written(
+        factory,
+        WeakKeyError,
+        "shares a prime factor with the key of unit r",
+        csr_pem(pool_rsa_key(1, 2), "r4"),
+        "r4",
+    )
     assert [u.prime_check for u in factory.issuer.registry.list_units()] == [
         "clean",
         "clean",

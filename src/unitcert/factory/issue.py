@@ -336,16 +336,20 @@ class Issuer:
             )
         return row
 
-    def _owner_of_prime(self, prime: int) -> str | None:
-        """Find the registered unit whose modulus has ``prime`` (rare, slow path)."""
+    def _owner_of_shared_prime(self, modulus: int) -> str | None:
+        """Find a registered unit whose modulus shares a prime with ``modulus``.
+
+        A scan of every registered modulus: only ever run to name the other
+        unit in a refusal.
+        """
         with self.registry.transaction() as session:
             rows = session.execute(
                 sa.select(UnitRow.serial, UnitRow.rsa_modulus).where(
                     UnitRow.rsa_modulus.is_not(None)
                 )
             )
-            for serial, modulus in rows:
-                if modulus and int.from_bytes(modulus, "big") % prime == 0:
+            for serial, data in rows:
+                if data and gmpy2.gcd(int.from_bytes(data, "big"), modulus) != 1:
                     return str(serial)
         return None
 
@@ -426,7 +430,7 @@ class Issuer:
             return "queued"
         factor = primes.shared_factor(request.modulus, self._moduli.products)
         if factor != 1:
-            other = self._owner_of_prime(factor if factor != request.modulus else 0)
+            other = self._owner_of_shared_prime(request.modulus)
             raise _shared_prime_error(request.serial, other)
         return "clean"
 
