@@ -487,6 +487,9 @@ _PART_COMMANDS: dict[str, str] = {
 _DEVICE_PART_COMMANDS: dict[str, str] = {
     "csr": "unitcert.factory.cli:csr_command",
     "install-identity": "unitcert.factory.cli:install_identity_command",
+    "import": "unitcert.custom.cli:import_command",
+    "use": "unitcert.custom.cli:use_command",
+    "revert": "unitcert.custom.cli:revert_command",
 }
 for _group, _table in ((main, _PART_COMMANDS), (device, _DEVICE_PART_COMMANDS)):
     assert isinstance(_group, LazyGroup)

@@ -496,11 +496,41 @@ _state_option = click.option(
     type=click.Path(path_type=Path, dir_okay=False),
     help="Where to write the CSR (default: standard output).",
 )
-def csr_command(state_dir: Path, output: Path | None) -> None:
-    """Write the unit's CSR for its identity key and names (for 'factory issue')."""
+@click.option(
+    "--custom",
+    is_flag=True,
+    help="Make a new key for your own CA instead, and a CSR for the --name names; "
+    "then 'device import' the certificate alone.",
+)
+@click.option("--name", "names", multiple=True, help="With --custom: a name (repeat).")
+@click.option(
+    "--key-type",
+    type=click.Choice([t.value for t in keys.KeyType]),
+    default=keys.KeyType.P256.value,
+    show_default=True,
+    help="With --custom: the new key's type.",
+)
+def csr_command(
+    state_dir: Path,
+    output: Path | None,
+    custom: bool,
+    names: tuple[str, ...],
+    key_type: str,
+) -> None:
+    """Write the unit's CSR for its identity key and names (for 'factory issue').
+
+    With --custom, make a new key for a certificate from your own CA instead.
+    """
     from unitcert.factory.unit import make_identity_csr
 
-    csr = make_identity_csr(StateStore(state_dir))
+    if names and not custom:
+        raise InputError("--name is for a CSR to your own CA: add --custom")
+    if custom:
+        from unitcert.custom.cli import custom_csr
+
+        csr = custom_csr(StateStore(state_dir), names, key_type)
+    else:
+        csr = make_identity_csr(StateStore(state_dir))
     if output is None:
         click.echo(csr.decode("ascii"), nl=False)
     else:
