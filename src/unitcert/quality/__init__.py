@@ -30,6 +30,7 @@ __all__ = [
     "KeyFinding",
     "PublicKey",
     "check_key",
+    "check_rsa_numbers",
     "require_strong_key",
     "spki_sha256",
 ]
@@ -138,10 +139,7 @@ def check_key(public_key: PublicKey) -> tuple[KeyFinding, ...]:
 
     if isinstance(public_key, rsa.RSAPublicKey):
         numbers = public_key.public_numbers()
-        if numbers.n.bit_length() < MIN_RSA_BITS:
-            findings.append(_finding("rsasize"))
-        results = badkeys.checkrsa(numbers.n, e=numbers.e, checks=_BADKEYS_RSA_CHECKS)
-        findings.extend(_finding(check) for check in sorted(results))
+        findings.extend(check_rsa_numbers(numbers.n, numbers.e))
 
     if _badkeys_blocklist_present():
         result = badkeys.checkpubkey(
@@ -154,6 +152,23 @@ def check_key(public_key: PublicKey) -> tuple[KeyFinding, ...]:
         if result.get("results"):
             findings.append(_finding("blocklist"))
 
+    return tuple(findings)
+
+
+def check_rsa_numbers(n: int, e: int) -> tuple[KeyFinding, ...]:
+    """Check an RSA modulus and exponent, even ones ``cryptography`` refuses to load.
+
+    Runs the RSA part of :func:`check_key` (size and badkeys' RSA checks),
+    for keys read as bare numbers, such as one with an invalid exponent.
+
+    Returns:
+        The findings, empty when the numbers passed every check.
+    """
+    import badkeys
+
+    findings = [_finding("rsasize")] if n.bit_length() < MIN_RSA_BITS else []
+    results = badkeys.checkrsa(n, e=e, checks=_BADKEYS_RSA_CHECKS)
+    findings.extend(_finding(check) for check in sorted(results))
     return tuple(findings)
 
 
