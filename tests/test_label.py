@@ -11,9 +11,9 @@ import pytest
 import zxingcpp
 from PIL import Image
 
-from unitcert.code import qr_payload
+from unitcert.code import ALPHABET, parse_code, qr_payload
 from unitcert.device import Unit, init_unit
-from unitcert.errors import InputError
+from unitcert.errors import CodeFormatError, InputError
 from unitcert.label import Label, write_label
 from unitcert.store import StateStore
 
@@ -37,6 +37,14 @@ def open_image(path: Path) -> Image.Image:
         loaded.info = dict(image.info)
         loaded.format = image.format
     return loaded
+
+
+def is_valid_code(text: str) -> bool:
+    try:
+        parse_code(text)
+    except CodeFormatError:
+        return False
+    return True
 
 
 def decode_qr(image: Image.Image) -> list[str]:
@@ -179,6 +187,23 @@ def test_label_with_longest_names_still_fits_and_reads_back(
         assert decode_qr(image) == [label.qr_payload]
         assert_edges_blank(image)
     assert hostname in re.sub(r"\s+", "", pdf_text(pdf))
+
+
+def test_label_code_with_descending_letters_stays_off_the_edges(
+    unit: Unit, tmp_path: Path
+) -> None:
+    # Vera's J and Q reach below the baseline; put them in the bottom row.
+    candidates = ("-".join(["QJQJ"] * 5 + [check]) for check in ALPHABET)
+    code = next(text for text in candidates if is_valid_code(text))
+    label = replace(Label.for_unit(unit), code=code)
+    png = tmp_path / "label.png"
+    pdf = tmp_path / "label.pdf"
+
+    write_label(label, png)
+    write_label(label, pdf)
+
+    assert_edges_blank(open_image(png))
+    assert_edges_blank(render_pdf(pdf))
 
 
 def test_write_label_takes_the_suffix_in_any_case(unit: Unit, tmp_path: Path) -> None:

@@ -65,12 +65,16 @@ _MIN_MODULE = 3
 _FONT_FILES = {"regular": "Vera.ttf", "bold": "VeraBd.ttf"}
 _PDF_FONT_NAMES = {"regular": "UnitcertVera", "bold": "UnitcertVera-Bold"}
 # Ink extent of Vera's ASCII glyphs, as fractions of the font size: the top of
-# ascenders (b, d, k), the top of capitals and digits, and the bottom of
-# descenders (g, p, y).
+# ascenders (b, d, k), the top of capitals and digits, the bottom of
+# descenders (g, p, y), and the bottom of the capitals that descend (Vera's J
+# hooks below the baseline, Q's tail too).
 _ASCENT = 0.76
-_CAP_HEIGHT = 0.73
+_CAP_HEIGHT = 0.745
 _DESCENT = 0.24
+_CAP_DESCENT = 0.2
+# White space between the ink of two lines: text lines, and rows of the code.
 _LINE_GAP = 0.22
+_ROW_GAP = 0.12
 # The code's grid: a symbol cell is 0.86 em, wide enough for every symbol of
 # the code's alphabet except M and W, which overhang their cells by a hair; a
 # hyphen cell is 0.5 em.
@@ -234,11 +238,26 @@ class _Block:
     grid: bool = False
 
     @property
+    def top(self) -> float:
+        """From the top of the ink to the baseline."""
+        return self.size * (_CAP_HEIGHT if self.grid else _ASCENT)
+
+    @property
+    def bottom(self) -> float:
+        """From the baseline to the bottom of the ink."""
+        return self.size * (_CAP_DESCENT if self.grid else _DESCENT)
+
+    @property
+    def pitch(self) -> float:
+        """From one baseline to the next."""
+        return (
+            self.top + self.bottom + self.size * (_ROW_GAP if self.grid else _LINE_GAP)
+        )
+
+    @property
     def height(self) -> float:
-        top = _CAP_HEIGHT if self.grid else _ASCENT
-        bottom = 0.0 if self.grid else _DESCENT
-        pitch = self.size * (top + bottom + _LINE_GAP)
-        return pitch * (len(self.texts) - 1) + self.size * (top + bottom)
+        """From the top of the first line's ink to the bottom of the last's."""
+        return self.pitch * (len(self.texts) - 1) + self.top + self.bottom
 
 
 @functools.cache
@@ -433,15 +452,13 @@ def _stack(blocks: list[_Block], left: int, top: int, gap: int) -> list[_Line]:
     lines: list[_Line] = []
     y = float(top)
     for block in blocks:
-        ascent = block.size * (_CAP_HEIGHT if block.grid else _ASCENT)
-        descent = 0.0 if block.grid else block.size * _DESCENT
+        baseline = y + block.top
         for text in block.texts:
-            baseline = y + ascent
             lines.append(
                 _Line(text, block.font, block.size, left, round(baseline), block.grid)
             )
-            y = baseline + descent + block.size * _LINE_GAP
-        y += gap - block.size * _LINE_GAP
+            baseline += block.pitch
+        y += block.height + gap
     return lines
 
 
