@@ -13,7 +13,8 @@ is shallow, and each member carries the facts it is about::
     ├── WeakKeyError          a key failed the weak-key checks
     ├── KeyMismatchError      a certificate and a private key do not belong together
     ├── ConnectError          a unit could not be reached over TLS
-    └── RegistryError         the maker's registry cannot be opened or written
+    ├── RegistryError         the maker's registry cannot be opened or written
+    └── AcmeError             an ACME CA refused, failed or could not be reached
 
 Errors raised by libraries are mapped to these at one boundary, with
 ``raise ... from exc``. Misuse by a programmer is ``ValueError`` or
@@ -22,7 +23,10 @@ Errors raised by libraries are mapped to these at one boundary, with
 
 from __future__ import annotations
 
+import datetime as dt
+
 __all__ = [
+    "AcmeError",
     "CodeFormatError",
     "ConnectError",
     "DuplicateError",
@@ -125,3 +129,30 @@ class DuplicateError(InputError):
 
 class RegistryError(UnitcertError):
     """The maker's registry database cannot be opened, read or written."""
+
+
+class AcmeError(UnitcertError):
+    """An ACME order or request failed: the CA refused it, validation failed, or
+    the CA could not be reached.
+
+    Attributes:
+        kind: what failed: ``network``, ``rate-limited``, ``authorization``,
+            ``refused`` (the CA answered with another error), ``timeout`` or
+            ``settings`` (the settings cannot work with this CA).
+        retry_after: the earliest moment the CA allows another request
+            (``Retry-After``), or None when it gave none.
+        failed_identifiers: the identifiers whose authorization failed.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        kind: str,
+        retry_after: dt.datetime | None = None,
+        failed_identifiers: tuple[str, ...] = (),
+    ) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.retry_after = retry_after
+        self.failed_identifiers = failed_identifiers
