@@ -38,6 +38,7 @@ __all__ = [
     "MAX_CERTIFICATES",
     "Bundle",
     "InputFile",
+    "check_size",
     "load_bundle",
     "read_input_file",
     "read_password_file",

@@ -338,12 +338,19 @@ def verify_chain(
     anchor = path[-1]
     in_path = {_der(c) for c in path}
     for cert in others:
-        if _der(cert) not in in_path:
+        if _der(cert) in in_path:
+            continue
+        if not is_ca(cert):
             raise InputError(
-                f"{short_name(cert.subject)} is not part of the chain from "
-                f"{short_name(leaf.subject)} to {short_name(anchor.subject)}: "
-                "remove it from the file"
+                f"the files hold a second server certificate, "
+                f"{short_name(cert.subject)}, besides the one for the key: give "
+                "only the certificate that belongs to the key, with its chain"
             )
+        raise InputError(
+            f"the CA certificate {short_name(cert.subject)} is not part of the chain "
+            f"from {short_name(leaf.subject)} to {short_name(anchor.subject)}: "
+            "remove it from the file"
+        )
     root = is_self_signed(anchor) and len(path) > 1
     served = tuple(path[:-1]) if root else tuple(path)
     return VerifiedChain(served=served, anchor=anchor, anchor_is_root=root)

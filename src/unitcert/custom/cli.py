@@ -46,8 +46,11 @@ def echo_candidate(candidate: Candidate) -> None:
     _field("Subject", info.subject)
     _field("Names", ", ".join(info.names))
     for index, entry in enumerate(candidate.entries):
-        prefix = "" if index == 0 else "<- "
-        _field("Chain" if index == 0 else "", f"{prefix}{entry.name} ({entry.role})")
+        line = f"{entry.name} ({entry.role})"
+        if index == 0:
+            _field("Chain", line)
+        else:
+            click.echo(f"  {'':<12}<- {line}")
     _field(
         "Valid",
         f"{info.not_before:%Y-%m-%d %H:%M} to {info.not_after:%Y-%m-%d %H:%M} UTC",

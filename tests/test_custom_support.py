@@ -1,0 +1,565 @@
+"""Helpers shared by the custom-certificate tests: a customer's CA, files, a unit.
+
+Not a test module of its own (it holds no tests); the custom tests import it.
+RSA keys come from the factory tests' prime pool (no key generation).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import html
+import http.client
+import os
+import re
+import secrets
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from http.cookies import SimpleCookie
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.serialization import pkcs7, pkcs12
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from test_factory_support import pool_rsa_key
+from unitcert import code, device
+from unitcert.store import StateStore
+
+SERIAL = "cust0001"
+PRODUCT = "router"
+DOMAIN = "home.arpa"
+UNIT_NAME = f"{SERIAL}.{PRODUCT}.{DOMAIN}"
+PASSWORD = b"customer pfx password"
+
+Key = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
+
+
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def ec_key(curve: ec.EllipticCurve | None = None) -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(curve or ec.SECP256R1())
+
+
+def rsa_key(index: int) -> rsa.RSAPrivateKey:
+    """An RSA-2048 key from the pool; distinct ``index`` gives distinct keys."""
+    return pool_rsa_key(2 * index, 2 * index + 1)
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def _key_usage(*, ca: bool, rsa_key: bool) -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=rsa_key and not ca,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=ca,
+        crl_sign=ca,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+@dataclass(frozen=True)
+class Issued:
+    """A certificate and its key."""
+
+    cert: x509.Certificate
+    key: Key
+
+    @property
+    def pem(self) -> bytes:
+        return self.cert.public_bytes(serialization.Encoding.PEM)
+
+    @property
+    def der(self) -> bytes:
+        return self.cert.public_bytes(serialization.Encoding.DER)
+
+    @property
+    def code(self) -> str:
+        return str(code.code_for_spki(code.spki_from_cert_der(self.der)))
+
+
+def issue(
+    subject: str,
+    key: Key,
+    issuer: Issued | None = None,
+    *,
+    ca: bool = False,
+    path_length: int | None = None,
+    names: Sequence[str] = (),
+    eku: Sequence[x509.ObjectIdentifier] | None = (ExtendedKeyUsageOID.SERVER_AUTH,),
+    not_before: dt.datetime | None = None,
+    not_after: dt.datetime | None = None,
+    days: int = 90,
+    key_usage: bool = True,
+    akid: bool = True,
+    ski: bool = True,
+    bc: bool = True,
+    bc_critical: bool = True,
+    issuer_name: str | None = None,
+    hash_algorithm: hashes.HashAlgorithm | None = None,
+) -> Issued:
+    """Sign a certificate; ``issuer`` None makes it self-signed."""
+    signer_key = issuer.key if issuer else key
+    start = not_before or now() - dt.timedelta(hours=1)
+    end = not_after or start + dt.timedelta(days=days)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(subject))
+        .issuer_name(
+            _name(issuer_name)
+            if issuer_name
+            else (issuer.cert.subject if issuer else _name(subject))
+        )
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+    )
+    if bc:
+        builder = builder.add_extension(
+            x509.BasicConstraints(ca=ca, path_length=path_length if ca else None),
+            critical=bc_critical,
+        )
+    if key_usage:
+        builder = builder.add_extension(
+            _key_usage(ca=ca, rsa_key=isinstance(key, rsa.RSAPrivateKey)),
+            critical=True,
+        )
+    if ski:
+        builder = builder.add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
+        )
+    if akid:
+        builder = builder.add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(signer_key.public_key()),
+            critical=False,
+        )
+    if names:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.DNSName(n) for n in names]),
+            critical=False,
+        )
+    if eku is not None and not ca:
+        builder = builder.add_extension(
+            x509.ExtendedKeyUsage(list(eku)), critical=False
+        )
+    return Issued(builder.sign(signer_key, hash_algorithm or hashes.SHA256()), key)
+
+
+@dataclass(frozen=True)
+class Pki:
+    """A customer's CA: a root and an issuing CA under it."""
+
+    root: Issued
+    inter: Issued
+
+    def leaf(self, key: Key, names: Sequence[str] = (UNIT_NAME,), **kw: Any) -> Issued:
+        return issue(names[0] if names else "leaf", key, self.inter, names=names, **kw)
+
+
+def make_pki(label: str = "Corp", *, rsa_index: int | None = None) -> Pki:
+    root_key: Key = (
+        rsa_key(rsa_index) if rsa_index is not None else ec_key(ec.SECP384R1())
+    )
+    root = issue(f"{label} Root CA", root_key, ca=True)
+    inter_key: Key = rsa_key(rsa_index + 1) if rsa_index is not None else ec_key()
+    inter = issue(f"{label} Issuing CA", inter_key, root, ca=True, path_length=0)
+    return Pki(root, inter)
+
+
+# --- file formats -----------------------------------------------------------
+
+
+def key_pem(
+    key: Key, password: bytes | None = None, *, traditional: bool = False
+) -> bytes:
+    fmt = (
+        serialization.PrivateFormat.TraditionalOpenSSL
+        if traditional
+        else serialization.PrivateFormat.PKCS8
+    )
+    encryption: serialization.KeySerializationEncryption = (
+        serialization.BestAvailableEncryption(password)
+        if password
+        else serialization.NoEncryption()
+    )
+    return key.private_bytes(serialization.Encoding.PEM, fmt, encryption)
+
+
+def key_der(key: Key, password: bytes | None = None) -> bytes:
+    encryption: serialization.KeySerializationEncryption = (
+        serialization.BestAvailableEncryption(password)
+        if password
+        else serialization.NoEncryption()
+    )
+    return key.private_bytes(
+        serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, encryption
+    )
+
+
+def pems(*items: Issued) -> bytes:
+    return b"".join(item.pem for item in items)
+
+
+def p7b(*items: Issued, pem: bool = False) -> bytes:
+    return pkcs7.serialize_certificates(
+        [i.cert for i in items],
+        serialization.Encoding.PEM if pem else serialization.Encoding.DER,
+    )
+
+
+def p12(
+    leaf: Issued,
+    cas: Sequence[Issued] = (),
+    password: bytes | None = PASSWORD,
+    *,
+    triple_des: bool = False,
+) -> bytes:
+    encryption: serialization.KeySerializationEncryption
+    if password is None:
+        encryption = serialization.NoEncryption()
+    elif triple_des:
+        encryption = (
+            serialization.PrivateFormat.PKCS12.encryption_builder()
+            .kdf_rounds(2048)
+            .key_cert_algorithm(pkcs12.PBES.PBESv1SHA1And3KeyTripleDESCBC)
+            .build(password)
+        )
+    else:
+        encryption = serialization.BestAvailableEncryption(password)
+    return pkcs12.serialize_key_and_certificates(
+        b"unit", leaf.key, leaf.cert, [c.cert for c in cas] or None, encryption
+    )
+
+
+def openssl_legacy_p12(
+    tmp: Path, leaf: Issued, cas: Sequence[Issued], password: bytes
+) -> bytes:
+    """A PKCS#12 made by ``openssl pkcs12 -export -legacy`` (RC2-40 and 3DES)."""
+    (tmp / "leg.key").write_bytes(key_pem(leaf.key))
+    (tmp / "leg.crt").write_bytes(pems(leaf, *cas))
+    (tmp / "leg.pass").write_bytes(password + b"\n")
+    subprocess.run(
+        [
+            "openssl",
+            "pkcs12",
+            "-export",
+            "-legacy",
+            "-inkey",
+            str(tmp / "leg.key"),
+            "-in",
+            str(tmp / "leg.crt"),
+            "-passout",
+            f"file:{tmp / 'leg.pass'}",
+            "-out",
+            str(tmp / "leg.p12"),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return (tmp / "leg.p12").read_bytes()
+
+
+def openssl_signed(
+    tmp: Path,
+    leaf_key: Key,
+    issuer: Issued,
+    digest: str,
+    names: Sequence[str] = (UNIT_NAME,),
+) -> bytes:
+    """A leaf signed by ``issuer`` with ``digest`` (sha1, md5), by openssl; PEM."""
+    (tmp / "sig.key").write_bytes(key_pem(leaf_key))
+    (tmp / "ca.key").write_bytes(key_pem(issuer.key))
+    (tmp / "ca.crt").write_bytes(issuer.pem)
+    (tmp / "ext.cnf").write_text(
+        "basicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n"
+        f"subjectAltName={','.join('DNS:' + n for n in names)}\n"
+    )
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-new",
+            "-key",
+            str(tmp / "sig.key"),
+            "-subj",
+            f"/CN={names[0]}",
+            "-out",
+            str(tmp / "sig.csr"),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(
+        [
+            "openssl",
+            "x509",
+            "-req",
+            "-in",
+            str(tmp / "sig.csr"),
+            "-CA",
+            str(tmp / "ca.crt"),
+            "-CAkey",
+            str(tmp / "ca.key"),
+            "-set_serial",
+            "7",
+            "-days",
+            "30",
+            f"-{digest}",
+            "-extfile",
+            str(tmp / "ext.cnf"),
+            "-out",
+            str(tmp / "sig.crt"),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return (tmp / "sig.crt").read_bytes()
+
+
+# --- the unit ------------------------------------------------------------------
+
+
+def make_unit(root: Path) -> StateStore:
+    store = StateStore(root)
+    device.init_unit(store, serial=SERIAL, product=PRODUCT, domain=DOMAIN)
+    return store
+
+
+def tree_digest(root: Path) -> str:
+    """A hash of a state tree: every path, mode, symlink target and file's bytes."""
+    digest = hashlib.sha256()
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(dirnames + filenames):
+            path = Path(dirpath) / name
+            info = path.lstat()
+            digest.update(f"{path.relative_to(root)}\0{info.st_mode:o}\0".encode())
+            if path.is_symlink():
+                digest.update(os.readlink(path).encode())
+            elif path.is_file():
+                digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def served_code(port: int, *, server_name: str | None = None) -> str:
+    """The fingerprint code of the key a TLS server presents (Python ssl)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+        context.wrap_socket(raw, server_hostname=server_name) as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return str(code.code_for_spki(code.spki_from_cert_der(der)))
+
+
+# --- a served unit and a small HTTPS client -------------------------------------
+
+NEW_PASSWORD = "correct horse battery staple"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> float:
+    """Poll ``condition`` until it holds; return the seconds it took."""
+    start = time.monotonic()
+    while not condition():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
+    return time.monotonic() - start
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+@dataclass
+class Served:
+    """A running ``unitcert device serve``."""
+
+    store: StateStore
+    port: int
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text("utf-8", errors="replace")
+
+    def code(self) -> str:
+        return served_code(self.port)
+
+
+def set_password(store: StateStore) -> None:
+    """Replace the setup credential with :data:`NEW_PASSWORD`."""
+    admin = device.load_unit(store).admin
+    assert admin is not None
+    device.save_admin_credential(store, admin.with_password(NEW_PASSWORD))
+
+
+@contextlib.contextmanager
+def serving(store: StateStore, log_dir: Path) -> Iterator[Served]:
+    """Run ``unitcert device serve`` on ``store`` on free loopback ports."""
+    https_port, http_port = free_port(), free_port()
+    log_path = log_dir / "serve.log"
+    command = [sys.executable, "-m", "unitcert", "-v", "device", "serve"]
+    command += ["--state", str(store.root), "--https-port", str(https_port)]
+    command += ["--http-port", str(http_port)]
+    with (
+        open(log_path, "wb") as log,
+        subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log) as process,
+    ):
+        served = Served(store, https_port, process, log_path)
+        try:
+            wait_until(
+                lambda: process.poll() is not None or _port_open(https_port),
+                20,
+                "the server to listen",
+            )
+            assert process.poll() is None, served.log()
+            yield served
+        finally:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+            returncode = process.wait(timeout=15)
+        assert returncode == 0, f"serve exited with {returncode}:\n{served.log()}"
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: http.client.HTTPMessage
+    body: str
+
+    @property
+    def text(self) -> str:
+        """The page's text with the HTML tags removed and entities decoded."""
+        return html.unescape(re.sub(r"<[^>]+>", " ", self.body))
+
+    def csrf_token(self) -> str:
+        match = re.search(r'name="csrf_token" value="([^"]+)"', self.body)
+        assert match, self.body
+        return match.group(1)
+
+    def field(self, name: str) -> str:
+        match = re.search(rf'name="{name}" value="([^"]+)"', self.body)
+        assert match, self.body
+        return match.group(1)
+
+
+@dataclass
+class UnitClient:
+    """Talks HTTPS to the unit and keeps its cookies, like a browser would."""
+
+    port: int
+    cookies: dict[str, str] = field(default_factory=dict)
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: bytes | None = None,
+        content_type: str | None = None,
+    ) -> Reply:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        connection = http.client.HTTPSConnection(
+            "127.0.0.1", self.port, context=context, timeout=20
+        )
+        headers = {}
+        if self.cookies:
+            headers["Cookie"] = "; ".join(f"{k}={v}" for k, v in self.cookies.items())
+        if content_type:
+            headers["Content-Type"] = content_type
+        try:
+            connection.request(method, path, body=body, headers=headers)
+            response = connection.getresponse()
+            reply = Reply(
+                response.status, response.headers, response.read().decode("utf-8")
+            )
+        finally:
+            connection.close()
+        for header in reply.headers.get_all("Set-Cookie") or []:
+            for name, morsel in SimpleCookie(header).items():
+                if morsel["max-age"] == "0":
+                    self.cookies.pop(name, None)
+                else:
+                    self.cookies[name] = morsel.value
+        return reply
+
+    def get(self, path: str) -> Reply:
+        return self.request("GET", path)
+
+    def post(self, path: str, fields: dict[str, str]) -> Reply:
+        return self.request(
+            "POST",
+            path,
+            body=urlencode(fields).encode(),
+            content_type="application/x-www-form-urlencoded",
+        )
+
+    def upload(
+        self,
+        path: str,
+        fields: dict[str, str],
+        files: Sequence[tuple[str, str, bytes]],
+    ) -> Reply:
+        """POST multipart/form-data: ``files`` are (field, file name, bytes)."""
+        boundary = secrets.token_hex(16)
+        parts = []
+        for name, value in fields.items():
+            parts.append(
+                f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"'
+                f"\r\n\r\n{value}\r\n".encode()
+            )
+        for name, filename, data in files:
+            parts.append(
+                f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; '
+                f'filename="{filename}"\r\nContent-Type: application/octet-stream'
+                "\r\n\r\n".encode()
+                + data
+                + b"\r\n"
+            )
+        parts.append(f"--{boundary}--\r\n".encode())
+        return self.request(
+            "POST",
+            path,
+            body=b"".join(parts),
+            content_type=f"multipart/form-data; boundary={boundary}",
+        )
+
+    def login(self, password: str = NEW_PASSWORD) -> Reply:
+        token = self.get("/login").csrf_token()
+        reply = self.post("/login", {"csrf_token": token, "password": password})
+        assert reply.status == 303, reply.body
+        return reply
