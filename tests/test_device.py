@@ -302,3 +302,18 @@ def test_selecting_a_source_without_a_certificate_is_refused(tmp_path: Path) -> 
     with pytest.raises(InputError, match="no acme certificate"):
         device.select_source(store, "acme")
     assert store.generation() == generation
+
+
+def test_host_name_longer_than_a_common_name_goes_only_into_the_san(
+    tmp_path: Path,
+) -> None:
+    serial = "s" * 63
+    unit = device.init_unit(
+        StateStore(tmp_path / "state"), serial=serial, product="router"
+    ).unit
+
+    assert len(unit.meta.hostname) > 64
+    assert unit.info.names == (unit.meta.hostname,)
+    serials = unit.cert.subject.get_attributes_for_oid(x509.NameOID.SERIAL_NUMBER)
+    assert [a.value for a in serials] == [serial]
+    assert not unit.cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)

@@ -53,6 +53,24 @@ def _general_names(names: Sequence[str]) -> list[x509.GeneralName]:
     return result
 
 
+# RFC 5280 Appendix A: ub-common-name is 64 characters.
+_MAX_COMMON_NAME = 64
+
+
+def _subject(name: str, serial_number: str | None) -> x509.Name:
+    """The subject: CN (when the name fits in one) and the unit's serial.
+
+    The name always goes into subjectAltName, which is what clients check; a
+    name over 64 characters cannot be a CN, so it is only there.
+    """
+    attributes = []
+    if len(name) <= _MAX_COMMON_NAME:
+        attributes.append(x509.NameAttribute(NameOID.COMMON_NAME, name))
+    if serial_number:
+        attributes.append(x509.NameAttribute(NameOID.SERIAL_NUMBER, serial_number))
+    return x509.Name(attributes)
+
+
 def build_self_signed(
     key: PrivateKey,
     names: Sequence[str],
@@ -78,10 +96,7 @@ def build_self_signed(
     if validity > MAX_VALIDITY:
         raise ValueError("validity must be at most 825 days")
     now = now or dt.datetime.now(dt.UTC)
-    attributes = [x509.NameAttribute(NameOID.COMMON_NAME, names[0])]
-    if serial_number:
-        attributes.append(x509.NameAttribute(NameOID.SERIAL_NUMBER, serial_number))
-    subject = x509.Name(attributes)
+    subject = _subject(names[0], serial_number)
     public_key = key.public_key()
     key_usage_encipher = isinstance(key, rsa.RSAPrivateKey)
     ski = x509.SubjectKeyIdentifier.from_public_key(public_key)
@@ -133,12 +148,9 @@ def build_csr(
     """
     if not names:
         raise ValueError("a CSR needs at least one name")
-    attributes = [x509.NameAttribute(NameOID.COMMON_NAME, names[0])]
-    if serial_number:
-        attributes.append(x509.NameAttribute(NameOID.SERIAL_NUMBER, serial_number))
     return (
         x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name(attributes))
+        .subject_name(_subject(names[0], serial_number))
         .add_extension(
             x509.SubjectAlternativeName(_general_names(names)), critical=False
         )
