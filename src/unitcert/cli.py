@@ -490,6 +490,7 @@ _DEVICE_PART_COMMANDS: dict[str, str] = {
     "import": "unitcert.custom.cli:import_command",
     "use": "unitcert.custom.cli:use_command",
     "revert": "unitcert.custom.cli:revert_command",
+    "acme": "unitcert.acme.cli:acme_command",
 }
 for _group, _table in ((main, _PART_COMMANDS), (device, _DEVICE_PART_COMMANDS)):
     assert isinstance(_group, LazyGroup)

@@ -560,8 +560,9 @@ class AcmeClient:
                 body = messages.Order.from_json(response.json())
         if body.status.name != "valid" or not body.certificate:
             detail = body.error.detail if body.error is not None else "no reason given"
+            state = body.status.name
             raise AcmeError(
-                f"the ACME CA did not issue the certificate ({body.status.name}: {detail})",
+                f"the ACME CA did not issue the certificate ({state}: {detail})",
                 kind="refused",
             )
         with self._mapped("downloading the certificate"):

@@ -1,9 +1,9 @@
 """The plain-HTTP side: every request is sent to the HTTPS admin pages.
 
 Requests under ``/.well-known/acme-challenge/`` are answered first from
-:data:`ACME_RESPONSES` (token to key authorization, RFC 8555 section 8.3), so
-that an HTTP-01 responder can later fill that mapping; nothing fills it yet,
-and unknown tokens are redirected like every other path.
+:data:`ACME_RESPONSES` (token to key authorization, RFC 8555 section 8.3),
+which the ACME agent fills while an HTTP-01 challenge is open; unknown tokens
+are redirected like every other path.
 """
 
 from __future__ import annotations

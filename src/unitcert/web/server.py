@@ -1,10 +1,12 @@
 """Running the unit's servers: HTTPS admin pages, the HTTP redirect, reloads, renewal.
 
-One event loop runs both listening sockets and two background tasks: a
+One event loop runs both listening sockets and three background tasks: a
 watcher that reloads the certificate when the state moves to another
-generation (polled every half second, at once on SIGHUP), and an hourly
-renewal of the self-signed certificate. Neither task ever stops the server:
-their failures are logged and the unit keeps serving what it served.
+generation (polled every half second, at once on SIGHUP), an hourly
+renewal of the self-signed certificate, and the ACME agent
+(:func:`unitcert.acme.agent.run_agent`, which answers HTTP-01 through the
+plain-HTTP listener). No task ever stops the server: their failures are
+logged and the unit keeps serving what it served.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import errno
 import logging
 import signal
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 
 from aiohttp import web
 
@@ -23,7 +25,7 @@ from unitcert import device
 from unitcert.errors import InputError
 from unitcert.store import StateStore
 from unitcert.web.admin import admin_app
-from unitcert.web.redirect import redirect_app
+from unitcert.web.redirect import ACME_RESPONSES, redirect_app
 from unitcert.web.tls import CertificateSwitch
 
 __all__ = [
@@ -74,10 +76,8 @@ async def _serve(
 ) -> None:
     switch = await asyncio.to_thread(CertificateSwitch, store)
     admin = web.AppRunner(admin_app(store, switch), shutdown_timeout=_SHUTDOWN_TIMEOUT)
-    plain = web.AppRunner(
-        redirect_app(https_port=https_port, bind=bind),
-        shutdown_timeout=_SHUTDOWN_TIMEOUT,
-    )
+    plain_app = redirect_app(https_port=https_port, bind=bind)
+    plain = web.AppRunner(plain_app, shutdown_timeout=_SHUTDOWN_TIMEOUT)
     stop = asyncio.Event()
     reload_now = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -93,6 +93,7 @@ async def _serve(
         loop.add_signal_handler(signal.SIGHUP, reload_now.set)
         tasks.append(asyncio.create_task(_watch(switch, reload_now)))
         tasks.append(asyncio.create_task(_renew(store)))
+        tasks.append(asyncio.create_task(_acme(store, plain_app[ACME_RESPONSES])))
         logger.info(
             "admin pages at https://%s:%d/, plain HTTP on port %d redirects there",
             bind,
@@ -176,3 +177,11 @@ async def _renew(store: StateStore) -> None:
         except Exception as exc:
             logger.error("could not renew the self-signed certificate: %s", exc)
             logger.debug("renewal failure", exc_info=True)
+
+
+async def _acme(store: StateStore, http_responses: MutableMapping[str, str]) -> None:
+    # Imported here: a unit without ACME never loads the ACME libraries' weight
+    # before it serves.
+    from unitcert.acme.agent import run_agent
+
+    await run_agent(store, http_responses)
