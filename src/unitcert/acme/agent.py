@@ -33,12 +33,11 @@ import shlex
 import subprocess
 from collections.abc import Callable, Iterator, MutableMapping
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from cryptography import x509
 
 from unitcert import certs, device, keys
-from unitcert.acme.challenges import DnsHookSolver, Http01Solver, Rfc2136Solver
-from unitcert.acme.client import AcmeClient, Solver
 from unitcert.acme.schedule import (
     DEFAULT_RATE_LIMIT_WAIT,
     STATE_FILE,
@@ -64,6 +63,9 @@ from unitcert.acme.settings import (
 )
 from unitcert.errors import AcmeError, StateError, UnitcertError
 from unitcert.store import Generation, Part, StateStore
+
+if TYPE_CHECKING:
+    from unitcert.acme.client import AcmeClient, Solver
 
 __all__ = [
     "ACCOUNT_FILE",
@@ -536,6 +538,10 @@ class AcmeAgent:
         return key
 
     def _client_for_settings(self, settings: AcmeSettings) -> AcmeClient | None:
+        # The protocol libraries load on first use, so that the commands that
+        # only write settings or read the status start fast.
+        from unitcert.acme.client import AcmeClient
+
         local = self._store.current(Part.LOCAL)
         if local is None or not local.has(ACCOUNT_KEY_FILE):
             return None
@@ -558,6 +564,12 @@ class AcmeAgent:
         return self._client
 
     def _solver(self, settings: AcmeSettings, files: dict[str, bytes]) -> Solver:
+        from unitcert.acme.challenges import (
+            DnsHookSolver,
+            Http01Solver,
+            Rfc2136Solver,
+        )
+
         if settings.challenge == "http-01":
             if self._responses is None:
                 raise AcmeError(

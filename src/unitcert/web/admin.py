@@ -379,4 +379,7 @@ def admin_app(store: StateStore, switch: CertificateSwitch) -> web.Application:
     app.router.add_post("/password", handlers.change_password)
     app.router.add_post("/logout", handlers.logout)
     app.router.add_get("/style.css", handlers.stylesheet)
+    from unitcert.web.acme_pages import add_acme_pages
+
+    add_acme_pages(app, handlers)
     return app
