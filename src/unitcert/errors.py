@@ -14,7 +14,8 @@ is shallow, and each member carries the facts it is about::
     ├── KeyMismatchError      a certificate and a private key do not belong together
     ├── ConnectError          a unit could not be reached over TLS
     ├── RegistryError         the maker's registry cannot be opened or written
-    └── AcmeError             an ACME CA refused, failed or could not be reached
+    ├── AcmeError             an ACME CA refused, failed or could not be reached
+    └── AuditError            the fleet audit could not finish (a worker died)
 
 Errors raised by libraries are mapped to these at one boundary, with
 ``raise ... from exc``. Misuse by a programmer is ``ValueError`` or
@@ -27,6 +28,7 @@ import datetime as dt
 
 __all__ = [
     "AcmeError",
+    "AuditError",
     "CodeFormatError",
     "ConnectError",
     "DuplicateError",
@@ -156,3 +158,7 @@ class AcmeError(UnitcertError):
         self.kind = kind
         self.retry_after = retry_after
         self.failed_identifiers = failed_identifiers
+
+
+class AuditError(UnitcertError):
+    """The fleet audit could not finish: a worker process or the cluster failed."""
