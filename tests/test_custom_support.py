@@ -281,59 +281,41 @@ def openssl_legacy_p12(
 
 def openssl_signed(
     tmp: Path,
-    leaf_key: Key,
+    key: Key,
     issuer: Issued,
     digest: str,
     names: Sequence[str] = (UNIT_NAME,),
-) -> bytes:
-    """A leaf signed by ``issuer`` with ``digest`` (sha1, md5), by openssl; PEM."""
-    (tmp / "sig.key").write_bytes(key_pem(leaf_key))
+    *,
+    ca_subject: str | None = None,
+) -> Issued:
+    """A certificate signed by ``issuer`` with ``digest`` (sha1, md5) by openssl.
+
+    A leaf for ``names``, or with ``ca_subject`` an intermediate CA.
+    """
+    (tmp / "sig.key").write_bytes(key_pem(key))
     (tmp / "ca.key").write_bytes(key_pem(issuer.key))
     (tmp / "ca.crt").write_bytes(issuer.pem)
-    (tmp / "ext.cnf").write_text(
-        "basicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n"
-        f"subjectAltName={','.join('DNS:' + n for n in names)}\n"
+    if ca_subject:
+        subject = ca_subject
+        extensions = (
+            "basicConstraints=critical,CA:TRUE\nkeyUsage=critical,keyCertSign\n"
+        )
+    else:
+        subject = names[0]
+        extensions = (
+            "basicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n"
+            f"subjectAltName={','.join('DNS:' + n for n in names)}\n"
+        )
+    (tmp / "ext.cnf").write_text(extensions)
+    request = f"req -new -key {tmp}/sig.key -subj /CN={subject} -out {tmp}/sig.csr"
+    subprocess.run(["openssl", *request.split()], check=True, capture_output=True)
+    sign = (
+        f"x509 -req -in {tmp}/sig.csr -CA {tmp}/ca.crt -CAkey {tmp}/ca.key "
+        f"-set_serial 7 -days 30 -{digest} -extfile {tmp}/ext.cnf -out {tmp}/sig.crt"
     )
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-new",
-            "-key",
-            str(tmp / "sig.key"),
-            "-subj",
-            f"/CN={names[0]}",
-            "-out",
-            str(tmp / "sig.csr"),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    subprocess.run(
-        [
-            "openssl",
-            "x509",
-            "-req",
-            "-in",
-            str(tmp / "sig.csr"),
-            "-CA",
-            str(tmp / "ca.crt"),
-            "-CAkey",
-            str(tmp / "ca.key"),
-            "-set_serial",
-            "7",
-            "-days",
-            "30",
-            f"-{digest}",
-            "-extfile",
-            str(tmp / "ext.cnf"),
-            "-out",
-            str(tmp / "sig.crt"),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return (tmp / "sig.crt").read_bytes()
+    subprocess.run(["openssl", *sign.split()], check=True, capture_output=True)
+    cert = x509.load_pem_x509_certificate((tmp / "sig.crt").read_bytes())
+    return Issued(cert, key)
 
 
 # --- the unit ------------------------------------------------------------------

@@ -54,6 +54,8 @@ _PEM_BLOCK = re.compile(
     rb"-----BEGIN ([A-Z0-9 #]+)-----\n(.*?)-----END ([A-Z0-9 #]+)-----", re.DOTALL
 )
 _BEGIN = re.compile(rb"-----BEGIN [A-Z0-9 #]+-----")
+# Control bytes that no text file holds (tab, line ends and form feed aside).
+_BINARY = re.compile(rb"[\x00-\x08\x0b\x0e-\x1f\x7f]")
 _CERT_LABELS = {b"CERTIFICATE", b"X509 CERTIFICATE", b"TRUSTED CERTIFICATE"}
 _PKCS7_LABELS = {b"PKCS7", b"PKCS #7 SIGNED DATA", b"CERTIFICATE CHAIN"}
 _KEY_LABELS = {
@@ -304,8 +306,8 @@ def _load_pem_block(
             "your CA and import the certificate it returns"
         )
     raise InputError(
-        f"{name} holds a {text} block, which is neither a certificate nor a "
-        "private key: give the certificate chain and its key"
+        f"{name} holds a block labelled {text}, which is neither a certificate "
+        "nor a private key: give the certificate chain and its key"
     )
 
 
@@ -334,6 +336,12 @@ def _normalise_text(data: bytes) -> bytes:
 def _load_pem(data: bytes, name: str, password: bytes | None, found: _Found) -> None:
     text = _normalise_text(data)
     blocks = list(_PEM_BLOCK.finditer(text))
+    if _BINARY.search(_PEM_BLOCK.sub(b"", text)):
+        # PEM text inside binary data: an archive or document, not a PEM file.
+        raise InputError(
+            f"{name} is binary data with PEM text inside (an archive or a "
+            "document?): extract the certificate file and give that"
+        )
     for match in blocks:
         label, body, end_label = match.group(1), match.group(2), match.group(3)
         if label != end_label:

@@ -241,6 +241,15 @@ def _explain_link(
             f"{_when(signer.not_valid_before_utc)}: check the unit's clock, or get "
             "the current chain from your CA"
         )
+    try:
+        usage = signer.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        usage = None
+    if usage is not None and not usage.key_cert_sign:
+        raise InputError(
+            f"the key usage of the CA certificate {name} does not allow it to sign "
+            "certificates: get the right chain from your CA"
+        )
     key = signer.public_key()
     if isinstance(key, rsa.RSAPublicKey) and key.key_size < _MIN_RSA_BITS:
         raise InputError(
@@ -282,7 +291,9 @@ def _explain(
             f"the chain leads to the root {short_name(current.subject)}, not to the "
             f"root given ({root_names}): give the root of this chain"
         )
-    detail = reason.removeprefix("validation failed: ").split(" (encountered")[0]
+    detail = reason.split(" (encountered")[0]
+    for prefix in ("validation failed: ", "candidates exhausted: "):
+        detail = detail.removeprefix(prefix)
     return InputError(
         f"the certificate chain did not verify ({detail}): get the full chain from "
         "your CA again"

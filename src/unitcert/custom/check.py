@@ -177,30 +177,38 @@ def _find_leaf(
 ) -> tuple[x509.Certificate, PrivateKeyTypes, str]:
     """Return the certificate for the key, the key, and where the key came from."""
     files = ", ".join(bundle.names)
+    hold = "holds" if len(bundle.names) == 1 else "hold"
     if not bundle.certs:
         held = "a private key but no certificate" if bundle.keys else "no certificate"
-        raise InputError(f"{files} hold {held}: give the certificate as well")
+        raise InputError(f"{files} {hold} {held}: give the certificate as well")
     if len(bundle.keys) > 1:
         raise InputError(
-            f"{files} hold {len(bundle.keys)} different private keys: give only the "
-            "key of this certificate"
+            f"{files} {hold} {len(bundle.keys)} different private keys: give only "
+            "the key of this certificate"
         )
     by_spki = {_spki(c.public_key()): c for c in bundle.certs}
     if bundle.keys:
         key = bundle.keys[0]
         leaf = by_spki.get(_spki(key.public_key()))
-        if leaf is None:
-            raise _mismatch(_bottom(bundle.certs), key, "private key")
-        return leaf, key, "file"
-    for known in known_keys:
-        leaf = by_spki.get(_spki(known.key.public_key()))
         if leaf is not None:
-            return leaf, known.key, known.origin
+            return leaf, key, "file"
+    else:
+        for known in known_keys:
+            leaf = by_spki.get(_spki(known.key.public_key()))
+            if leaf is not None:
+                return leaf, known.key, known.origin
+    # No key fits. A certificate whose own key is unusable (published, weak,
+    # too small) is refused for that, which no other key can mend.
+    bottom = _bottom(bundle.certs)
+    if not is_ca(bottom):
+        _check_key(bottom)
+    if bundle.keys:
+        raise _mismatch(bottom, bundle.keys[0], "private key")
     pending = [k for k in known_keys if k.origin == "pending"]
     if pending:
-        raise _mismatch(_bottom(bundle.certs), pending[0].key, "key of the pending CSR")
+        raise _mismatch(bottom, pending[0].key, "key of the pending CSR")
     if known_keys:
-        raise _mismatch(_bottom(bundle.certs), known_keys[0].key, "installed key")
+        raise _mismatch(bottom, known_keys[0].key, "installed key")
     raise InputError(
         f"{files} hold no private key, and the unit has no pending key from "
         "'unitcert device csr --custom': give the key too (--key), or make a CSR first"
@@ -238,8 +246,8 @@ def _check_key(leaf: x509.Certificate) -> None:
     if findings:
         reasons = "; ".join(f.detail for f in findings)
         raise WeakKeyError(
-            f"the certificate's key is unsafe ({reasons}): make a new key, for "
-            "example with 'unitcert device csr --custom'",
+            f"the certificate's key must not be used because {reasons}: make a new "
+            "key, for example with 'unitcert device csr --custom'",
             findings=tuple(f.check for f in findings),
         )
 

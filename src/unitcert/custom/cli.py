@@ -39,8 +39,12 @@ def _field(name: str, value: object) -> None:
     click.echo(f"  {name + ':':<12}{value}")
 
 
-def echo_candidate(candidate: Candidate) -> None:
-    """Print what was found in the files, as the admin page shows it."""
+def echo_candidate(candidate: Candidate, *, name_warning: bool = True) -> None:
+    """Print what was found in the files, as the admin page shows it.
+
+    ``name_warning`` False leaves out the warning about the unit's names, for
+    when the error that follows says it.
+    """
     info = candidate.info
     click.echo(f"Found in {', '.join(candidate.files)}:")
     _field("Subject", info.subject)
@@ -64,7 +68,7 @@ def echo_candidate(candidate: Candidate) -> None:
     _field("Code", info.code)
     for warning in candidate.warnings:
         click.echo(f"Warning: {warning}", err=True)
-    if candidate.name_warning:
+    if candidate.name_warning and name_warning:
         text = candidate.name_warning
         click.echo(f"Warning: {text[:1].upper()}{text[1:]}.", err=True)
 
@@ -122,7 +126,7 @@ def import_command(
     password = read_password_file(password_file) if password_file else None
     ca_inputs = [read_input_file(ca_file)] if ca_file is not None else []
     candidate = prepare_import(store, inputs, password=password, ca_files=ca_inputs)
-    echo_candidate(candidate)
+    echo_candidate(candidate, name_warning=dry_run or force)
     if dry_run:
         click.echo("Dry run: nothing was changed.")
         return

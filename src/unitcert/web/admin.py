@@ -382,4 +382,7 @@ def admin_app(store: StateStore, switch: CertificateSwitch) -> web.Application:
     from unitcert.web.acme_pages import add_acme_pages
 
     add_acme_pages(app, handlers)
+    from unitcert.web.certificate import add_certificate_pages
+
+    add_certificate_pages(app, handlers)
     return app

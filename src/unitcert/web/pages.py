@@ -166,6 +166,7 @@ def _nav(
         links.append('<a href="/">Certificate status</a>')
     if password_link:
         links.append('<a href="/password">Change the password</a>')
+        links.append('<a href="/certificate">Your own certificate</a>')
         links.append('<a href="/acme">ACME certificate</a>')
     links.append(
         '<form method="post" action="/logout">'
