@@ -35,6 +35,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from test_factory_support import pool_rsa_key
 from unitcert import code, device
+from unitcert.acme.agent import serve_running
 from unitcert.store import StateStore
 
 SERIAL = "cust0001"
@@ -427,6 +428,9 @@ def serving(store: StateStore, log_dir: Path) -> Iterator[Served]:
                 "the server to listen",
             )
             assert process.poll() is None, served.log()
+            # serve marks its state directory once it runs (serve.pid); wait for
+            # it, so that tests comparing the state tree start from a settled one.
+            wait_until(lambda: serve_running(store), 10, "serve.pid")
             yield served
         finally:
             if process.poll() is None:
