@@ -427,9 +427,22 @@ class AcmeAgent:
         answered = state.request
         if answered is not None:
             logger.info("an order was requested but not sent: %s", decision.reason)
+        wake = decision.at
+        if facts is not None and facts.not_after <= now:
+            if state.expired_for != facts.serial:
+                # Recorded so that the state changes and serve reloads: the
+                # unit then serves its identity rather than an expired cert.
+                logger.warning(
+                    "the ACME certificate expired on %s and could not be renewed; "
+                    "the unit serves its own identity until it is",
+                    _fmt(facts.not_after),
+                )
+                state = replace(state, expired_for=facts.serial)
+        elif facts is not None and (wake is None or facts.not_after < wake):
+            wake = facts.not_after
         if state != saved or answered is not None:
             self._save_plan(state, answered, decision, now)
-        return decision.at
+        return wake
 
     def _save_plan(
         self,
@@ -448,6 +461,7 @@ class AcmeAgent:
                 renew_for=planned.renew_for,
                 window=planned.window,
                 ari_next_check=planned.ari_next_check,
+                expired_for=planned.expired_for,
             )
             if answered is not None and current.request == answered:
                 state = replace(
@@ -724,6 +738,11 @@ class AcmeAgent:
             f"{_fmt(facts.not_after)}"
         )
 
+        # Planned at once from the lifetime; the next step asks the CA for its
+        # window (RFC 9773) and draws again inside it if it offers one.
+        window = renewal_window(facts.not_before, facts.not_after)
+        renew_at = pick_renewal_time(window, self._rng)
+
         def change(files: dict[str, bytes]) -> None:
             state = _state_in(files)
             orders = tuple(
@@ -735,9 +754,9 @@ class AcmeAgent:
                 orders=orders,
                 failures=0,
                 next_attempt=None,
-                renew_at=None,
-                renew_for=None,
-                window=None,
+                renew_at=renew_at,
+                renew_for=facts.serial,
+                window=window,
                 ari_next_check=None,
                 outcome=Outcome(
                     now,

@@ -77,7 +77,7 @@ def echo_status(store: StateStore) -> None:
     if status.decision is not None:
         if status.decision.order:
             _field("Next attempt", f"now ({status.decision.reason})")
-        elif status.decision.at is not None:
+        else:
             _field("Next attempt", status.decision.reason)
 
 

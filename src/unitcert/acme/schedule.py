@@ -172,6 +172,9 @@ class AcmeState:
         window: the renewal window ``renew_at`` was drawn from.
         ari_next_check: when to ask the CA for its window again.
         retry_button_at: the last use of the admin page's "retry now".
+        expired_for: the serial (hex) of an ACME certificate whose expiry was
+            recorded (the state changes then, so that ``serve`` reloads and
+            falls back to the unit's identity).
     """
 
     failures: int = 0
@@ -187,6 +190,7 @@ class AcmeState:
     window: Window | None = None
     ari_next_check: dt.datetime | None = None
     retry_button_at: dt.datetime | None = None
+    expired_for: str | None = None
 
     def pruned(self, now: dt.datetime) -> AcmeState:
         """Drop orders older than a day and failed authorizations older than an hour."""
@@ -214,6 +218,7 @@ class AcmeState:
             "window": None,
             "ari_next_check": _iso(self.ari_next_check),
             "retry_button_at": _iso(self.retry_button_at),
+            "expired_for": self.expired_for,
         }
         if self.request is not None:
             raw["request"] = {
@@ -294,6 +299,7 @@ class AcmeState:
                 ),
                 ari_next_check=_parse(raw.get("ari_next_check")),
                 retry_button_at=_parse(raw.get("retry_button_at")),
+                expired_for=raw.get("expired_for"),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise StateError(
