@@ -1,0 +1,202 @@
+"""``unitcert audit``: find shared, weak and known keys across a fleet.
+
+Exit codes: 0 clean, 1 findings, 2 the audit could not run (bad input, an
+unreadable source, a failed worker), with one sentence on stderr.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import click
+
+from unitcert.audit.progress import AuditProgress
+from unitcert.audit.report import print_summary, write_html, write_json
+from unitcert.audit.runner import AuditSettings, run_audit
+from unitcert.audit.sources import (
+    DEFAULT_CONCURRENCY,
+    DEFAULT_TIMEOUT,
+    FileSource,
+    HostSource,
+    Source,
+    read_hosts_file,
+)
+from unitcert.errors import UnitcertError
+
+__all__ = ["EXIT_CLEAN", "EXIT_ERROR", "EXIT_FINDINGS", "audit", "parse_size"]
+
+logger = logging.getLogger(__name__)
+
+EXIT_CLEAN = 0
+EXIT_FINDINGS = 1
+EXIT_ERROR = 2
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
+_SIZE_FACTORS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """Read a memory size such as ``4G``, ``512M``, ``1.5GiB`` or ``1000000``.
+
+    Suffixes are powers of 1024; a bare number is bytes.
+
+    Raises:
+        ValueError: the text is not a size.
+    """
+    match = _SIZE_RE.match(text)
+    if match is None:
+        raise ValueError(f"{text!r} is not a size: write one like 4G, 512M or 1.5GiB")
+    return int(float(match.group(1)) * _SIZE_FACTORS[match.group(2).lower()])
+
+
+class _SizeType(click.ParamType):
+    name = "SIZE"
+
+    def convert(
+        self, value: object, param: click.Parameter | None, ctx: click.Context | None
+    ) -> int:
+        if isinstance(value, int):
+            return value
+        try:
+            size = parse_size(str(value))
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+        if size <= 0:
+            self.fail("the memory limit must be above zero", param, ctx)
+        return size
+
+
+@click.command("audit")
+@click.argument(
+    "paths",
+    nargs=-1,
+    type=click.Path(path_type=Path, exists=False),
+    metavar="[PATH]...",
+)
+@click.option(
+    "--hosts",
+    "hosts_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Collect certificates from live TLS endpoints: a file of host:port lines.",
+)
+@click.option(
+    "--concurrency",
+    type=click.IntRange(min=1),
+    default=DEFAULT_CONCURRENCY,
+    show_default=True,
+    help="Hosts to connect to at once.",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=DEFAULT_TIMEOUT,
+    show_default=True,
+    help="Seconds to wait for each host's TLS handshake.",
+)
+@click.option(
+    "--json",
+    "json_out",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Write every finding to this JSON file.",
+)
+@click.option(
+    "--html",
+    "html_out",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Write a self-contained HTML report with charts to this file.",
+)
+@click.option(
+    "--jobs",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Processes for the batch GCD and the key checks.",
+)
+@click.option(
+    "--memory-limit",
+    type=_SizeType(),
+    help="Keep the batch GCD within this memory (e.g. 4G) by writing tree levels "
+    "to disk.",
+)
+@click.option(
+    "--workdir",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Folder for the batch GCD's tree levels (default: the temporary folder).",
+)
+@click.option(
+    "--dask",
+    "dask_address",
+    metavar="ADDRESS",
+    help="Run the batch GCD on this Dask scheduler (e.g. tcp://10.0.0.5:8786).",
+)
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@click.pass_context
+def audit(
+    ctx: click.Context,
+    paths: tuple[Path, ...],
+    hosts_file: Path | None,
+    concurrency: int,
+    timeout: float,
+    json_out: Path | None,
+    html_out: Path | None,
+    jobs: int,
+    memory_limit: int | None,
+    workdir: Path | None,
+    dask_address: str | None,
+    quiet: bool,
+) -> None:
+    """Find shared, weak and known keys across the fleet.
+
+    Reads certificates, CSRs, public keys and SSH host keys from PATHs (files
+    and folders) and from live hosts (--hosts), all as one fleet, and reports
+    keys that several units share, RSA moduli that share a prime (batch GCD),
+    and keys that badkeys' checks or the published-key list flag.
+
+    Exit status: 0 clean, 1 findings, 2 the audit could not run.
+    """
+    try:
+        sources: list[Source] = []
+        if paths:
+            sources.append(FileSource(paths))
+        if hosts_file is not None:
+            sources.append(
+                HostSource(
+                    read_hosts_file(hosts_file),
+                    concurrency=concurrency,
+                    timeout=timeout,
+                )
+            )
+        if not sources:
+            raise click.UsageError(
+                "nothing to audit: give PATHs of keys or certificates, or --hosts FILE",
+                ctx,
+            )
+        if workdir is not None and not workdir.is_dir():
+            raise click.BadParameter(
+                f"{workdir} is not a folder", param_hint="--workdir"
+            )
+        settings = AuditSettings(
+            jobs=jobs,
+            memory_limit=memory_limit,
+            workdir=workdir,
+            dask_address=dask_address,
+        )
+        with AuditProgress(enabled=False if quiet else None) as progress:
+            report = run_audit(sources, settings, progress=progress)
+        if json_out is not None:
+            write_json(report, json_out)
+        if html_out is not None:
+            write_html(report, html_out)
+    except UnitcertError as exc:
+        logger.debug("audit failed", exc_info=True)
+        click.echo(f"unitcert: error: {exc}", err=True)
+        ctx.exit(EXIT_ERROR)
+
+    print_summary(report)
+    ctx.exit(EXIT_CLEAN if report.clean else EXIT_FINDINGS)
+
+
+if __name__ == "__main__":
+    audit()

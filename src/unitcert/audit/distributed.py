@@ -1,0 +1,147 @@
+"""The batch GCD on an existing Dask cluster.
+
+The moduli are split into groups (by default one per worker thread). Each
+group's product tree is built on a worker and stays there; only the group
+products travel to the client, which computes for each group the product of
+the *other* groups and sends it back; each worker then walks its group's
+remainder tree against that product. The results are those of the
+single-machine run (:func:`unitcert.quality.batchgcd.batch_gcd`), number for
+number.
+
+Dask is an optional dependency (the ``fleet`` extra).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from unitcert.errors import InputError
+from unitcert.quality.batchgcd import (
+    PRODUCT_STAGE,
+    REMAINDER_STAGE,
+    GroupTree,
+    ProgressCallback,
+    build_group_tree,
+    descend_group_tree,
+    other_products,
+    plan_groups,
+)
+
+__all__ = ["batch_gcd_on_dask"]
+
+logger = logging.getLogger(__name__)
+
+_CONNECT_TIMEOUT = "20s"
+
+
+def _register_sizeof() -> None:
+    # Tell Dask how big a tree is, so that the scheduler runs the remainder
+    # step where the tree already lives instead of moving it.
+    from dask.sizeof import sizeof
+
+    @sizeof.register(GroupTree)
+    def _tree_size(tree: GroupTree) -> int:
+        return tree.nbytes()
+
+
+def _build(moduli: list[int]) -> GroupTree:
+    _register_sizeof()
+    return build_group_tree(moduli)
+
+
+def _root(tree: GroupTree) -> Any:
+    return tree.root
+
+
+def _descend(tree: GroupTree, others: Any) -> list[int]:
+    return descend_group_tree(tree, others)
+
+
+def batch_gcd_on_dask(
+    moduli: Sequence[int],
+    address: str,
+    *,
+    groups: int | None = None,
+    progress: ProgressCallback | None = None,
+) -> list[int]:
+    """Run :func:`~unitcert.quality.batchgcd.batch_gcd` on a Dask cluster.
+
+    Args:
+        moduli: the distinct moduli.
+        address: the scheduler's address, e.g. ``tcp://10.0.0.5:8786``.
+        groups: how many groups to split the moduli into; by default the
+            cluster's number of worker threads (at least 2).
+        progress: called with ``(stage, fraction)`` as groups finish.
+
+    Returns:
+        One GCD per modulus, in order.
+
+    Raises:
+        InputError: Dask is not installed, or the scheduler cannot be reached.
+    """
+    try:
+        from distributed import Client, as_completed
+    except ImportError:
+        raise InputError(
+            "--dask needs Dask's distributed scheduler: install unitcert with the "
+            "fleet extra (pip install 'unitcert[fleet]')"
+        ) from None
+    if not moduli:
+        return []
+
+    try:
+        client = Client(address, timeout=_CONNECT_TIMEOUT, set_as_default=False)
+    except (OSError, TimeoutError) as exc:
+        raise InputError(
+            f"cannot reach the Dask scheduler at {address} ({exc}): check the address "
+            "and that the scheduler is running"
+        ) from None
+    with client:
+        _register_sizeof()
+        threads = sum(client.nthreads().values())
+        ranges = plan_groups(len(moduli), groups or max(2, threads))
+        logger.info(
+            "batch GCD on Dask at %s: %d moduli in %d groups over %d threads",
+            address,
+            len(moduli),
+            len(ranges),
+            threads,
+        )
+        parts = [
+            client.scatter([[int(moduli[i]) for i in r]], hash=False)[0] for r in ranges
+        ]
+        trees = [client.submit(_build, part, pure=False) for part in parts]
+        roots = [client.submit(_root, tree, pure=False) for tree in trees]
+        _wait(as_completed(roots), PRODUCT_STAGE, ranges, roots, progress)
+        del parts
+
+        others = other_products(client.gather(roots))
+        other_futures = [client.scatter([value], hash=False)[0] for value in others]
+        del others
+        results = [
+            client.submit(_descend, tree, other, pure=False)
+            for tree, other in zip(trees, other_futures, strict=True)
+        ]
+        _wait(as_completed(results), REMAINDER_STAGE, ranges, results, progress)
+        gcds: list[int] = []
+        for part in client.gather(results):
+            gcds.extend(part)
+        return gcds
+
+
+def _wait(
+    finished: Any,
+    stage: str,
+    ranges: list[range],
+    futures: list[Any],
+    progress: ProgressCallback | None,
+) -> None:
+    size = {future.key: len(r) for future, r in zip(futures, ranges, strict=True)}
+    total = sum(size.values())
+    done = 0
+    for future in finished:
+        done += size[future.key]
+        if progress is not None:
+            progress(stage, done / total)

@@ -1,0 +1,320 @@
+"""The audit's report: a summary on the terminal, JSON with every finding, HTML.
+
+The HTML report is one self-contained file (inline CSS and SVG, no script,
+nothing fetched) that a manager can open and read: the verdict, charts of
+findings by kind, by key type and by production batch or issue month, and
+the list of findings with the units they name. No report carries a private
+key or a prime.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from unitcert.audit.checks import KINDS, AffectedUnit, Finding
+from unitcert.audit.runner import AuditReport
+from unitcert.errors import InputError
+
+__all__ = ["print_summary", "report_json", "write_html", "write_json"]
+
+_UNITS_SHOWN = 5
+_HTML_UNITS_SHOWN = 50
+
+
+def _units_text(units: Sequence[AffectedUnit], shown: int = _UNITS_SHOWN) -> str:
+    names = [u.name for u in units[:shown]]
+    more = len(units) - shown
+    return ", ".join(names) + (f" and {more} more" if more > 0 else "")
+
+
+def print_summary(report: AuditReport, console: Console | None = None) -> None:
+    """Print the verdict, counts per kind and the first findings of each kind."""
+    console = console or Console()
+    console.print(
+        f"Audited {report.units:,} units ({report.distinct_keys:,} distinct keys, "
+        f"{report.rsa_moduli:,} RSA moduli) from {', '.join(report.sources)} in "
+        f"{report.seconds:.1f} s; batch GCD on {report.mode}."
+    )
+    if report.problems:
+        console.print(
+            f"[yellow]{len(report.problems):,} item(s) could not be read[/yellow], "
+            f"e.g. {report.problems[0].location}: {report.problems[0].reason}"
+        )
+    if report.clean:
+        console.print("[bold green]No findings: no shared, weak or known keys.[/]")
+        return
+
+    table = Table(title="Findings", show_lines=False)
+    table.add_column("Kind")
+    table.add_column("Findings", justify="right")
+    table.add_column("Units", justify="right")
+    table.add_column("Examples")
+    by_kind: dict[str, list[Finding]] = {}
+    for finding in report.findings:
+        by_kind.setdefault(finding.kind, []).append(finding)
+    for kind, findings in by_kind.items():
+        units = sorted({u.name for f in findings for u in f.units})
+        examples = "; ".join(_units_text(f.units, 3) for f in findings[:2])
+        table.add_row(
+            KINDS.get(kind, kind), f"{len(findings):,}", f"{len(units):,}", examples
+        )
+    console.print(table)
+    console.print(
+        f"[bold red]{len(report.findings):,} finding(s) on "
+        f"{report.affected_units:,} unit(s).[/] Use --json or --html for every unit."
+    )
+
+
+def _unit_json(unit: AffectedUnit) -> dict[str, Any]:
+    return {
+        "name": unit.name,
+        "source": unit.source,
+        "locations": list(unit.locations),
+        "key_type": unit.key_type,
+        "code": unit.code,
+        "subject": unit.subject,
+        "batch": unit.batch,
+        "issued": unit.issued.isoformat() if unit.issued else None,
+    }
+
+
+def report_json(report: AuditReport) -> dict[str, Any]:
+    """Return the report as JSON-ready data, with every finding and unit."""
+    return {
+        "clean": report.clean,
+        "started": report.started.isoformat(),
+        "seconds": round(report.seconds, 3),
+        "mode": report.mode,
+        "sources": list(report.sources),
+        "keys_read": report.keys_read,
+        "units": report.units,
+        "distinct_keys": report.distinct_keys,
+        "rsa_moduli": report.rsa_moduli,
+        "affected_units": report.affected_units,
+        "key_types": dict(report.key_types),
+        "cohort_kind": report.cohort_kind,
+        "cohorts": [
+            {"label": c.label, "units": c.units, "affected": c.affected}
+            for c in report.cohorts
+        ],
+        "findings": [
+            {
+                "kind": f.kind,
+                "title": f.title,
+                "detail": f.detail,
+                "key_type": f.key_type,
+                "factored": f.factored,
+                "factor_id": f.factor_id,
+                "units": [_unit_json(u) for u in f.units],
+            }
+            for f in report.findings
+        ],
+        "problems": [
+            {"location": p.location, "reason": p.reason} for p in report.problems
+        ],
+    }
+
+
+def _write(path: Path, text: str) -> None:
+    try:
+        path.write_text(text, "utf-8")
+    except OSError as exc:
+        raise InputError(
+            f"cannot write the report to {path}: {exc.strerror or exc}"
+        ) from None
+
+
+def write_json(report: AuditReport, path: Path) -> None:
+    """Write :func:`report_json` to ``path``.
+
+    Raises:
+        InputError: the file cannot be written.
+    """
+    _write(path, json.dumps(report_json(report), indent=2) + "\n")
+
+
+# --- HTML -------------------------------------------------------------------------
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;
+max-width:72rem;color:#1d2330;padding:0 1rem}
+h1{font-size:1.6rem;margin-bottom:.2rem}h2{font-size:1.2rem;margin-top:2rem}
+.meta{color:#5b6475;font-size:.9rem}
+.verdict{padding:1rem 1.2rem;border-radius:.5rem;font-size:1.15rem;margin:1.2rem 0}
+.clean{background:#e3f5e8;border-left:.4rem solid #2f9e55}
+.bad{background:#fde8e8;border-left:.4rem solid #c9302c}
+.tiles{display:flex;gap:1rem;flex-wrap:wrap}
+.tile{background:#f3f5f9;border-radius:.5rem;padding:.8rem 1rem;min-width:9rem}
+.tile b{display:block;font-size:1.5rem}
+.charts{display:grid;grid-template-columns:repeat(auto-fit,minmax(21rem,1fr));gap:1.5rem}
+figure{margin:0}figcaption{font-weight:600;margin-bottom:.4rem}
+table{border-collapse:collapse;width:100%;font-size:.9rem}
+th,td{text-align:left;padding:.35rem .5rem;border-bottom:1px solid #e1e5ec;
+vertical-align:top}
+th{background:#f3f5f9}code{font-size:.85rem}
+.kind{font-weight:600}.factored{color:#c9302c;font-weight:600}
+details summary{cursor:pointer;color:#2857b8}
+"""
+
+
+def _bar_chart(
+    rows: Sequence[tuple[str, int, int | None]], *, colour: str, total_label: str = ""
+) -> str:
+    """An SVG of horizontal bars: (label, value, optional total behind it)."""
+    if not rows:
+        return '<p class="meta">Nothing to show.</p>'
+    width, bar_left, row_height = 520, 170, 26
+    peak = max(max(v, t or 0) for _, v, t in rows) or 1
+    scale = (width - bar_left - 70) / peak
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" '
+        f'height="{row_height * len(rows) + 8}" role="img" '
+        f'font-family="system-ui,sans-serif" font-size="12">'
+    ]
+    for index, (label, value, total) in enumerate(rows):
+        y = 4 + index * row_height
+        short = label if len(label) <= 26 else label[:25] + "…"
+        parts.append(
+            f'<text x="{bar_left - 6}" y="{y + 15}" text-anchor="end">'
+            f"<title>{html.escape(label)}</title>{html.escape(short)}</text>"
+        )
+        if total is not None:
+            parts.append(
+                f'<rect x="{bar_left}" y="{y + 3}" width="{max(1.0, total * scale):.1f}" '
+                f'height="16" fill="#d9dee8"/>'
+            )
+        parts.append(
+            f'<rect x="{bar_left}" y="{y + 3}" width="{value * scale:.1f}" height="16" '
+            f'fill="{colour}"/>'
+        )
+        text = f"{value:,}" if total is None else f"{value:,} of {total:,}{total_label}"
+        end = max(value, total or 0) * scale
+        parts.append(
+            f'<text x="{bar_left + end + 6:.1f}" y="{y + 15}">{html.escape(text)}</text>'
+        )
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _tile(value: str, label: str) -> str:
+    return f'<div class="tile"><b>{html.escape(value)}</b>{html.escape(label)}</div>'
+
+
+def _finding_rows(report: AuditReport) -> str:
+    rows = []
+    for finding in report.findings:
+        units = finding.units
+        listed = "".join(
+            f"<li>{html.escape(u.name)}"
+            + (
+                f" <span class='meta'>({html.escape(u.subject)})</span>"
+                if u.subject
+                else ""
+            )
+            + f" <code>{html.escape(u.code)}</code></li>"
+            for u in units[:_HTML_UNITS_SHOWN]
+        )
+        if len(units) > _HTML_UNITS_SHOWN:
+            listed += (
+                f"<li>… and {len(units) - _HTML_UNITS_SHOWN:,} more (see JSON)</li>"
+            )
+        status = '<span class="factored">factored</span>' if finding.factored else ""
+        rows.append(
+            "<tr>"
+            f'<td class="kind">{html.escape(finding.title)}</td>'
+            f"<td>{html.escape(finding.key_type)} {status}</td>"
+            f"<td>{html.escape(finding.detail)}"
+            f"<details><summary>{len(units):,} unit(s)</summary><ul>{listed}</ul>"
+            "</details></td></tr>"
+        )
+    return "".join(rows)
+
+
+def render_html(report: AuditReport) -> str:
+    """Return the self-contained HTML report."""
+    kinds = Counter(f.kind for f in report.findings)
+    kind_rows = [(KINDS.get(k, k), kinds[k], None) for k in KINDS if kinds[k]]
+    affected_by_type: Counter[str] = Counter()
+    for finding in report.findings:
+        for unit in finding.units:
+            affected_by_type[unit.key_type] += 1
+    type_rows = [
+        (key_type, affected_by_type[key_type], count)
+        for key_type, count in report.key_types
+    ]
+    cohort_rows = [(c.label, c.affected, c.units) for c in report.cohorts]
+
+    if report.clean:
+        verdict = (
+            f'<div class="verdict clean">Clean: none of the {report.units:,} units has a '
+            "shared, weak or known key.</div>"
+        )
+    else:
+        factored = len({u.name for f in report.findings if f.factored for u in f.units})
+        verdict = (
+            f'<div class="verdict bad"><b>{report.affected_units:,} of {report.units:,} '
+            f"units need attention</b>: {len(report.findings):,} findings; the keys of "
+            f"{factored:,} units are factored or otherwise known and must be replaced "
+            "first.</div>"
+        )
+    problems = ""
+    if report.problems:
+        items = "".join(
+            f"<li>{html.escape(p.location)}: {html.escape(p.reason)}</li>"
+            for p in report.problems[:200]
+        )
+        problems = (
+            f"<h2>Not read ({len(report.problems):,})</h2><details><summary>Show"
+            f"</summary><ul>{items}</ul></details>"
+        )
+    findings_table = (
+        "<table><tr><th>Finding</th><th>Key</th><th>What it means</th></tr>"
+        f"{_finding_rows(report)}</table>"
+        if report.findings
+        else '<p class="meta">No findings.</p>'
+    )
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>unitcert fleet audit, {report.started:%Y-%m-%d}</title>
+<style>{_CSS}</style></head><body>
+<h1>Fleet key audit</h1>
+<p class="meta">{report.started:%Y-%m-%d %H:%M} UTC · sources: \
+{html.escape(", ".join(report.sources))} · batch GCD on {html.escape(report.mode)} · \
+{report.seconds:.1f} s</p>
+{verdict}
+<div class="tiles">{_tile(f"{report.units:,}", "units")}\
+{_tile(f"{report.distinct_keys:,}", "distinct keys")}\
+{_tile(f"{report.rsa_moduli:,}", "RSA moduli checked for shared primes")}\
+{_tile(f"{report.affected_units:,}", "units with findings")}</div>
+<h2>Charts</h2><div class="charts">
+<figure><figcaption>Findings by kind</figcaption>\
+{_bar_chart(kind_rows, colour="#c9302c")}</figure>
+<figure><figcaption>Affected units by key type</figcaption>\
+{_bar_chart(type_rows, colour="#d9822b", total_label=" units")}</figure>
+<figure><figcaption>Affected units by {html.escape(report.cohort_kind)}</figcaption>\
+{_bar_chart(cohort_rows, colour="#2857b8", total_label=" units")}</figure>
+</div>
+<h2>Findings</h2>{findings_table}
+{problems}
+<p class="meta">A shared prime is named by a hash, never by its value; no private key
+appears in this report. Units are named by serial, file or address.</p>
+</body></html>
+"""
+
+
+def write_html(report: AuditReport, path: Path) -> None:
+    """Write :func:`render_html` to ``path``.
+
+    Raises:
+        InputError: the file cannot be written.
+    """
+    _write(path, render_html(report))
