@@ -475,6 +475,7 @@ class UnitClient:
         *,
         body: bytes | None = None,
         content_type: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> Reply:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         context.check_hostname = False
@@ -482,7 +483,7 @@ class UnitClient:
         connection = http.client.HTTPSConnection(
             "127.0.0.1", self.port, context=context, timeout=20
         )
-        headers = {}
+        headers = dict(headers or {})
         if self.cookies:
             headers["Cookie"] = "; ".join(f"{k}={v}" for k, v in self.cookies.items())
         if content_type:
@@ -506,12 +507,15 @@ class UnitClient:
     def get(self, path: str) -> Reply:
         return self.request("GET", path)
 
-    def post(self, path: str, fields: dict[str, str]) -> Reply:
+    def post(
+        self, path: str, fields: dict[str, str], headers: dict[str, str] | None = None
+    ) -> Reply:
         return self.request(
             "POST",
             path,
             body=urlencode(fields).encode(),
             content_type="application/x-www-form-urlencoded",
+            headers=headers,
         )
 
     def upload(

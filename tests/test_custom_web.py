@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from test_custom_support import (
+    NEW_PASSWORD,
     PASSWORD,
     Pki,
     Served,
@@ -191,3 +192,19 @@ def test_upload_takes_a_few_mib_but_413_beyond_and_other_forms_stay_small(
     big_form = {"csrf_token": csrf, "current": "x" * (100 * 1024)}
     assert client.post("/password", big_form).status == 413
     assert unit.code() == str(device.load_unit(unit.store).info.code)
+
+
+def test_login_from_a_browser_that_sends_origin_null_is_accepted(unit: Served) -> None:
+    # Chromium sends "Origin: null" for a form POST under the pages'
+    # "Referrer-Policy: no-referrer"; its Sec-Fetch-Site says same-origin.
+    client = UnitClient(unit.port)
+    token = client.get("/login").csrf_token()
+    fields = {"csrf_token": token, "password": NEW_PASSWORD}
+    browser = {"Origin": "null", "Sec-Fetch-Site": "same-origin"}
+    assert client.post("/login", fields, headers=browser).status == 303
+
+    other = UnitClient(unit.port)
+    token = other.get("/login").csrf_token()
+    fields = {"csrf_token": token, "password": NEW_PASSWORD}
+    for forged in ({"Origin": "null"}, {"Sec-Fetch-Site": "cross-site"}):
+        assert other.post("/login", fields, headers=forged).status == 403

@@ -36,6 +36,8 @@ __all__ = [
     "IDENTITY_CHOICES",
     "PENDING_CSR_FILE",
     "PENDING_KEY_FILE",
+    "Change",
+    "can_revert",
     "install_custom",
     "make_custom_csr",
     "prepare_import",
@@ -324,6 +326,14 @@ def _reverted_files(generation: Generation | None) -> dict[str, bytes]:
     if generation is None:
         return {}
     return {n: generation.read(n) for n in _REVERTED_FILES if generation.has(n)}
+
+
+def can_revert(store: StateStore) -> bool:
+    """Say whether :func:`revert_choice` would change what the unit serves."""
+    local, previous = _local(store), store.previous(Part.LOCAL)
+    if local is None or previous is None:
+        return False
+    return _reverted_files(previous) != _reverted_files(local)
 
 
 def revert_choice(store: StateStore) -> Change:

@@ -117,8 +117,11 @@ def _client(request: web.Request) -> str:
 def _cross_origin(request: web.Request) -> bool:
     """Say whether a browser told us the request comes from another origin."""
     site = request.headers.get("Sec-Fetch-Site")
-    if site is not None and site not in ("same-origin", "none"):
-        return True
+    if site is not None:
+        # A browser that sends Sec-Fetch-Site says exactly where the request
+        # came from; its Origin is "null" under our "Referrer-Policy:
+        # no-referrer" (Fetch standard, "serializing a request origin").
+        return site not in ("same-origin", "none")
     origin = request.headers.get("Origin")
     if origin is None:
         return False

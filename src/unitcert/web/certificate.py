@@ -30,9 +30,11 @@ from multidict import MultiDict, MultiDictProxy
 
 from unitcert import device
 from unitcert.custom.bundle import InputFile, check_size
+from unitcert.custom.chain import short_name
 from unitcert.custom.check import Candidate
 from unitcert.custom.install import (
     PENDING_CSR_FILE,
+    can_revert,
     install_custom,
     prepare_import,
     revert_choice,
@@ -96,10 +98,15 @@ def _row(name: str, value_html: str) -> str:
 
 
 def _served_html(unit: device.Unit) -> str:
+    issuer = (
+        "the unit itself (self-signed)"
+        if unit.info.self_signed
+        else short_name(unit.cert.issuer)
+    )
     rows = [
         _row("Now serving", escape(device.describe_source(unit.source))),
         _row("Names", escape(", ".join(unit.info.names) or "(none)")),
-        _row("Issued by", escape(unit.info.issuer)),
+        _row("Issued by", escape(issuer)),
         _row(
             "Valid",
             escape(
@@ -319,7 +326,7 @@ class _CertificatePages:
             self.unit,
             csrf_token,
             available=self._available(),
-            can_revert=self.admin.store.previous(Part.LOCAL) is not None,
+            can_revert=can_revert(self.admin.store),
             pending_names=pending,
             error=error,
             notice=notice,
