@@ -96,8 +96,13 @@ def unit_names(store: StateStore) -> tuple[str, ...]:
     Raises:
         StateError: the unit has no identity.
     """
-    unit = device.load_unit(store)
-    names = [unit.meta.hostname]
+    identity = store.current(Part.IDENTITY)
+    if identity is None:
+        raise StateError(
+            f"there is no unit identity at {store.root}: run 'unitcert device init "
+            f"--state {store.root}' first"
+        )
+    names = [device.IdentityMeta.from_json(identity.read(device.META_FILE)).hostname]
     local = _local(store)
     names += _pending_names(local)
     if local is not None and local.has(CHAIN_FILE):
@@ -158,7 +163,9 @@ def prepare_import(
     return check_bundle(
         bundle,
         roots=roots,
-        known_keys=_known_keys(store),
+        # Loading a key checks it, which costs tens of milliseconds for RSA:
+        # only a certificate given without its key needs the unit's keys.
+        known_keys=() if bundle.keys else _known_keys(store),
         unit_names=unit_names(store),
         now=now,
     )
