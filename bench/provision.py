@@ -92,7 +92,11 @@ def _rsa_key(p: int, q: int) -> rsa.RSAPrivateKey:
 
 def make_csrs(key_type: str, count: int, cache: Path) -> list[tuple[str, bytes]]:
     """``count`` (serial, CSR) pairs of distinct keys of ``key_type``."""
-    primes = prime_pool(2 * count, cache) if key_type == "rsa2048" else []
+    primes: list[int] = []
+    if key_type == "rsa2048":
+        # A prime p with 65537 dividing p - 1 cannot take e = 65537.
+        pool = prime_pool(2 * count + count // 50 + 8, cache)
+        primes = [p for p in pool if (p - 1) % 65537][: 2 * count]
     csrs = []
     for n in range(count):
         serial = f"u{n:06d}"

@@ -28,7 +28,9 @@ def pool_prime(index: int) -> int:
     while len(_primes) <= index:
         # The top two bits set make the product of two of them exactly 2048 bits.
         candidate = _rng.getrandbits(1024) | (3 << 1022) | 1
-        _primes.append(int(gmpy2.next_prime(candidate)))
+        prime = int(gmpy2.next_prime(candidate))
+        if (prime - 1) % 65537:  # else e = 65537 has no inverse
+            _primes.append(prime)
     return _primes[index]
 
 
