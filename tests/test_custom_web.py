@@ -208,3 +208,22 @@ def test_login_from_a_browser_that_sends_origin_null_is_accepted(unit: Served) -
     fields = {"csrf_token": token, "password": NEW_PASSWORD}
     for forged in ({"Origin": "null"}, {"Sec-Fetch-Site": "cross-site"}):
         assert other.post("/login", fields, headers=forged).status == 403
+
+
+def test_uploaded_file_names_are_shown_without_their_path(unit: Served) -> None:
+    client, csrf = _client(unit)
+    files = [("bundle", "C:\\Users\\owner\\..\\../etc/unit.pem", b"")]
+    reply = client.upload("/certificate/preview", {"csrf_token": csrf}, files)
+    assert reply.status == 400
+    assert "unit.pem is empty" in reply.text
+    assert "etc" not in reply.text and "Users" not in reply.text
+
+
+def test_a_malformed_upload_is_a_clear_400_not_a_server_error(unit: Served) -> None:
+    client, csrf = _client(unit)
+    before = tree_digest(unit.store.root)
+    files = [("bundle", "unit\x07.pem", b"-----BEGIN CERTIFICATE-----")]
+    reply = client.upload("/certificate/preview", {"csrf_token": csrf}, files)
+    assert reply.status == 400
+    assert "could not read what the browser sent" in reply.text
+    assert tree_digest(unit.store.root) == before

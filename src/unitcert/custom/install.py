@@ -40,6 +40,7 @@ __all__ = [
     "can_revert",
     "install_custom",
     "make_custom_csr",
+    "pending_names",
     "prepare_import",
     "revert_choice",
     "unit_names",
@@ -70,6 +71,11 @@ def _load_key(generation: Generation, name: str) -> keys.PrivateKey:
             f"the state is damaged: {name} is not a readable key; make a new CSR "
             "or reset the unit"
         ) from exc
+
+
+def pending_names(store: StateStore) -> tuple[str, ...]:
+    """Return the names of the pending custom CSR, empty when there is none."""
+    return tuple(_pending_names(_local(store)))
 
 
 def _pending_names(local: Generation | None) -> list[str]:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from html import escape
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_request import FileField
 from multidict import MultiDict, MultiDictProxy
 
@@ -36,9 +37,9 @@ from unitcert.custom.install import (
     PENDING_CSR_FILE,
     can_revert,
     install_custom,
+    pending_names,
     prepare_import,
     revert_choice,
-    unit_names,
     use_source,
 )
 from unitcert.errors import InputError, UnitcertError
@@ -318,10 +319,7 @@ class _CertificatePages:
         local = self.admin.store.current(Part.LOCAL)
         pending: tuple[str, ...] = ()
         if local is not None and local.has(PENDING_CSR_FILE):
-            identity = self.unit.meta.hostname
-            pending = tuple(
-                n for n in unit_names(self.admin.store) if n != identity
-            ) or ("names not readable",)
+            pending = pending_names(self.admin.store) or ("names not readable",)
         text = certificate_page(
             self.unit,
             csrf_token,
@@ -356,7 +354,19 @@ class _CertificatePages:
                 "",
             )
         reader = request.clone(client_max_size=UPLOAD_MAX_SIZE) if upload else request
-        form = await reader.post()
+        try:
+            form = await reader.post()
+        except (ValueError, HttpProcessingError) as exc:
+            # A malformed body (a control character in a part header, a part
+            # without a name) is the client's fault, not a failure of the page.
+            logger.warning("could not read a form sent to %s: %s", request.path, exc)
+            unreadable = admin._error(
+                400,
+                "Upload not readable",
+                "The unit could not read what the browser sent: choose the files "
+                "again and send the form once more.",
+            )
+            return unreadable, _NO_FORM, ""
         forged = self.admin._refuse_forgery(request, csrf_token, form)
         if forged is not None:
             return forged, _NO_FORM, ""
@@ -463,6 +473,13 @@ class _CertificatePages:
         return admin._see_other("/certificate?changed")
 
 
+def _file_name(uploaded: str) -> str:
+    """The uploaded file's name as messages and logs may show it."""
+    base = uploaded.replace("\\", "/").rsplit("/", 1)[-1]
+    printable = "".join(ch for ch in base if ch.isprintable())[:80]
+    return printable or "the uploaded file"
+
+
 def _uploaded_files(form: _Form) -> tuple[list[InputFile], list[InputFile]]:
     """Return the certificate/key files and the root files of an upload.
 
@@ -477,7 +494,7 @@ def _uploaded_files(form: _Form) -> tuple[list[InputFile], list[InputFile]]:
                 continue
             data = field.file.read(MAX_INPUT_BYTES + 1)
             target = roots if name == "root" else files
-            target.append(check_size(InputFile(field.filename, data)))
+            target.append(check_size(InputFile(_file_name(field.filename), data)))
     if len(files) + len(roots) > _MAX_FILES:
         raise InputError(f"upload at most {_MAX_FILES} files at once")
     return files, roots
