@@ -51,9 +51,16 @@ def make_identity_csr(store: StateStore) -> bytes:
     Raises:
         StateError: the unit has no identity, or its state is damaged.
     """
-    unit = load_unit(store)
-    key = keys.FileKeyStore(unit.key_path).signing_key()
-    csr = certs.build_csr(key, [unit.meta.hostname], serial_number=unit.meta.serial)
+    # A generation is never changed once written, so no lock is needed to read.
+    identity = store.current(Part.IDENTITY)
+    if identity is None:
+        raise StateError(
+            f"there is no unit identity at {store.root}: run 'unitcert device "
+            f"init --state {store.root}' first"
+        )
+    meta = IdentityMeta.from_json(identity.read(META_FILE))
+    key = keys.FileKeyStore(identity.path / KEY_FILE).signing_key()
+    csr = certs.build_csr(key, [meta.hostname], serial_number=meta.serial)
     return csr.public_bytes(serialization.Encoding.PEM)
 
 
