@@ -340,7 +340,7 @@ def test_acme_rate_limit_and_retry_after_hold_every_order(
         agent = AcmeAgent(store, http_responses={}, rng=random.Random(1))
         start = dt.datetime.now(dt.UTC)
         agent.run_once(start)
-        assert faults.seen["POST /order-plz"] == 1
+        assert faults.orders == 1
         state = load_state(store.current(Part.LOCAL))
         assert state.blocked_until is not None
         assert state.blocked_until >= start + dt.timedelta(minutes=59)
@@ -349,13 +349,13 @@ def test_acme_rate_limit_and_retry_after_hold_every_order(
         for minutes in (2, 15, 45, 58):
             request_order(store, now=start + dt.timedelta(minutes=minutes))
             agent.run_once(start + dt.timedelta(minutes=minutes))
-        assert faults.seen["POST /order-plz"] == 1
+        assert faults.orders == 1
         state = load_state(store.current(Part.LOCAL))
         assert state.outcome is not None and not state.outcome.ordered
         assert "the CA asked to wait" in state.outcome.message
 
         agent.run_once(start + dt.timedelta(minutes=61))
-        assert faults.seen["POST /order-plz"] == 2
+        assert faults.orders == 2
     finally:
         proxy.close()
 
@@ -409,7 +409,7 @@ def test_acme_ip_gets_the_short_lived_profile_and_an_unlisted_profile_is_refused
             assert faults.order_payloads[-1]["identifiers"] == [
                 {"type": "ip", "value": "127.0.0.1"}
             ]
-            orders = faults.seen["POST /order-plz"]
+            orders = faults.orders
 
             code, out = _acme(
                 unit,
@@ -423,7 +423,7 @@ def test_acme_ip_gets_the_short_lived_profile_and_an_unlisted_profile_is_refused
             assert code == 1
             assert "does not offer the profile 'tlsserver'" in out
             assert "classic, shortlived" in out
-            assert faults.seen["POST /order-plz"] == orders
+            assert faults.orders == orders
     finally:
         proxy.close()
 
@@ -539,3 +539,30 @@ def test_acme_expired_certificate_falls_back_to_identity_and_says_why(
             assert "wait 10 minutes" in page
     finally:
         short.stop()
+
+
+def test_acme_bad_nonces_are_retried_per_request_with_the_nonce_they_carry(
+    pebble: Pebble,
+) -> None:
+    from unitcert import keys
+    from unitcert.acme.client import AcmeClient
+
+    client = AcmeClient(
+        pebble.directory,
+        keys.generate_key(keys.KeyType.P256),
+        ca_bundle=pebble.listener_cert,
+    )
+    before = pebble.requests()
+    uri = client.ensure_account(None)
+    # Pebble logs the route, not the account's own path.
+    path = "POST /my-account/"
+    assert "/my-account/" in uri
+    for _ in range(30):
+        client._post_as_get(uri)
+    after = pebble.requests()
+    handled = after[path] - before[path]
+    # Pebble refused about 30% of the nonces: each refused request was sent
+    # again at once, and every refusal carried the nonce for the next try.
+    assert handled > 30
+    assert after["HEAD /nonce-plz"] - before["HEAD /nonce-plz"] == 1
+    assert client.requests_sent == sum(after.values()) - sum(before.values())

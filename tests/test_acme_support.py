@@ -308,6 +308,9 @@ class Faults:
     ari_retry_after: int = 21600
     profiles: dict[str, str] | None = None
     seen: Counter[str] = field(default_factory=Counter)
+    # Orders the CA answered: created by Pebble, or refused by a rate limit
+    # (a POST that Pebble refused for a bad nonce is no order).
+    orders: int = 0
     order_payloads: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -359,6 +362,12 @@ class FaultProxy:
             return response.headers["Replay-Nonce"]
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
+        response = await self._answer(request)
+        # No keep-alive: nothing is left open when the proxy stops.
+        response.force_close()
+        return response
+
+    async def _answer(self, request: web.Request) -> web.StreamResponse:
         faults = self.faults
         path = request.rel_url.path
         faults.seen[f"{request.method} {path}"] += 1
@@ -380,6 +389,7 @@ class FaultProxy:
             faults.order_payloads.append(json.loads(decoded))
             if faults.rate_limit_orders > 0:
                 faults.rate_limit_orders -= 1
+                faults.orders += 1
                 return web.json_response(
                     {
                         "type": "urn:ietf:params:acme:error:rateLimited",
@@ -410,6 +420,8 @@ class FaultProxy:
                 if k.lower()
                 not in ("content-length", "transfer-encoding", "content-encoding")
             }
+            if path == "/order-plz" and upstream.status == 201:
+                faults.orders += 1
             if path == "/dir" and upstream.status == 200:
                 directory = json.loads(data)
                 if faults.ari_window is not None:

@@ -31,6 +31,7 @@ import random
 import secrets
 import shlex
 import subprocess
+import threading
 from collections.abc import Callable, Iterator, MutableMapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
@@ -817,6 +818,37 @@ def _accounts(files: dict[str, bytes]) -> dict[str, str]:
         return {}
 
 
+async def _in_daemon_thread(
+    function: Callable[[], dt.datetime | None],
+) -> dt.datetime | None:
+    """Run ``function`` in a daemon thread: a ``serve`` told to stop does not
+    wait for an order in flight (the state already counts it, see
+    :meth:`AcmeAgent._order`)."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[dt.datetime | None] = loop.create_future()
+
+    def settle(result: dt.datetime | None, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    def work() -> None:
+        try:
+            result = function()
+        except BaseException as exc:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(settle, None, exc)
+            return
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(settle, result, None)
+
+    threading.Thread(target=work, name="unitcert-acme", daemon=True).start()
+    return await future
+
+
 async def run_agent(
     store: StateStore,
     http_responses: MutableMapping[str, str] | None,
@@ -845,7 +877,7 @@ async def run_agent(
             current = store.watch_token()
             if current != token or loop.time() >= wake_at:
                 try:
-                    due = await asyncio.to_thread(agent.run_once)
+                    due = await _in_daemon_thread(agent.run_once)
                 except Exception as exc:
                     logger.error("the ACME agent failed: %s", exc)
                     logger.debug("ACME agent failure", exc_info=True)
