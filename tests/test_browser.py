@@ -94,7 +94,7 @@ def test_owner_uploads_a_certificate_and_a_wrong_key_in_chromium(
     browser: Browser, unit: Served, tmp_path: Path
 ) -> None:
     pki: Pki = make_pki()
-    leaf = pki.leaf(rsa_key(90))
+    leaf = pki.leaf(rsa_key(13))
     good = tmp_path / "unit-chain-and-key.pem"
     good.write_bytes(pems(leaf, pki.inter, pki.root) + key_pem(leaf.key))
     own = unit.code()

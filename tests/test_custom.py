@@ -102,7 +102,7 @@ def test_import_accepts_a_pem_bundle_in_any_order_with_crlf_text_and_the_key(
 def test_import_accepts_openssl_text_output_and_a_separate_key(
     store: StateStore, pki: Pki, tmp_path: Path
 ) -> None:
-    leaf = pki.leaf(rsa_key(40))
+    leaf = pki.leaf(rsa_key(1))
     texts = []
     for item in (leaf, pki.inter):
         texts.append(
@@ -148,7 +148,7 @@ def test_import_accepts_a_pem_pkcs7_chain(
 def test_import_accepts_pkcs12_files(
     store: StateStore, pki: Pki, tmp_path: Path, kind: str
 ) -> None:
-    leaf = pki.leaf(rsa_key(41))
+    leaf = pki.leaf(rsa_key(2))
     if kind == "openssl-legacy":
         data = openssl_legacy_p12(tmp_path, leaf, [pki.inter, pki.root], PASSWORD)
     elif kind == "no-password":
@@ -196,7 +196,7 @@ def test_import_accepts_rsa_2048_to_4096_and_ecdsa_p256_p384(
 ) -> None:
     key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
     if kind == "rsa2048":
-        key = rsa_key(42)
+        key = rsa_key(3)
     elif kind.startswith("rsa"):
         key = big_rsa_keys[int(kind[3:])]
     else:

@@ -213,7 +213,7 @@ def _parse_cases(pki: Pki) -> Iterator[Bad]:
 
 
 def _password_cases(pki: Pki, tmp: Path) -> Iterator[Bad]:
-    leaf = pki.leaf(rsa_key(60))
+    leaf = pki.leaf(rsa_key(4))
     chain = (("chain.pem", pems(leaf, pki.inter)),)
     wrong = b"not the password"
     yield Bad("p12 wrong password", (("u.pfx", p12(leaf)),), "is wrong", password=wrong)
@@ -246,7 +246,7 @@ def _password_cases(pki: Pki, tmp: Path) -> Iterator[Bad]:
 
 def _mismatch_cases(pki: Pki, other: Pki) -> Iterator[Bad]:
     leaf = pki.leaf(ec_key())
-    rsa_leaf = pki.leaf(rsa_key(61))
+    rsa_leaf = pki.leaf(rsa_key(5))
     chain = (("chain.pem", pems(leaf, pki.inter)),)
     stray = ec_key()
     yield Bad(
@@ -259,7 +259,7 @@ def _mismatch_cases(pki: Pki, other: Pki) -> Iterator[Bad]:
         "other rsa key",
         (("chain.pem", pems(rsa_leaf, pki.inter)),),
         "does not match the private key",
-        key=("k.pem", key_pem(rsa_key(62))),
+        key=("k.pem", key_pem(rsa_key(6))),
     )
     yield Bad(
         "ec key for rsa cert",
@@ -473,9 +473,9 @@ def _chain_cases(pki: Pki, other: Pki) -> Iterator[Bad]:
 
 
 def _signature_cases(tmp: Path) -> Iterator[Bad]:
-    rsa_pki = make_pki("Legacy", rsa_index=70)
+    rsa_pki = make_pki("Legacy", rsa_index=7)
     for digest, name in (("sha1", "SHA-1"), ("md5", "MD5")):
-        key = rsa_key(72 if digest == "sha1" else 73)
+        key = rsa_key(9 if digest == "sha1" else 10)
         leaf = openssl_signed(tmp, key, rsa_pki.inter, digest)
         yield Bad(
             f"{digest} rsa leaf",
@@ -490,7 +490,7 @@ def _signature_cases(tmp: Path) -> Iterator[Bad]:
         "signed with SHA-1",
     )
     old_inter = openssl_signed(
-        tmp, rsa_key(74), rsa_pki.root, "sha1", ca_subject="Legacy-SHA1-CA"
+        tmp, rsa_key(11), rsa_pki.root, "sha1", ca_subject="Legacy-SHA1-CA"
     )
     leaf = issue(UNIT_NAME, ec_key(), old_inter, names=[UNIT_NAME])
     yield Bad(

@@ -59,7 +59,7 @@ def test_upload_shows_the_certificate_then_install_serves_it_within_two_seconds(
 ) -> None:
     client, csrf = _client(unit)
     own = unit.code()
-    leaf = pki.leaf(rsa_key(80))
+    leaf = pki.leaf(rsa_key(12))
     data = p12(leaf, [pki.inter, pki.root])
     preview = client.upload(
         "/certificate/preview",
