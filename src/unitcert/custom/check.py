@@ -435,7 +435,10 @@ def check_bundle(
             "will warn unless they reach the unit by one of the certificate's names"
         )
     if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
-        raise InputError("the private key is neither RSA nor ECDSA")
+        raise InputError(
+            "the private key is neither RSA nor ECDSA: give the RSA or ECDSA key "
+            "of the certificate"
+        )
     logger.info(
         "checked a %s certificate for %s (%s), chain of %d",
         info.key_type,
