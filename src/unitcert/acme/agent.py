@@ -74,6 +74,9 @@ __all__ = [
     "SERVE_LOCK_FILE",
     "AcmeAgent",
     "AcmeStatus",
+    "load_cert",
+    "load_settings",
+    "load_state",
     "load_status",
     "request_order",
     "run_agent",
@@ -202,6 +205,9 @@ def save_settings(
 
     Returns:
         The request, whose id the outcome will name.
+
+    Raises:
+        StateError: the stored ACME record is damaged.
     """
     request = Request(secrets.token_hex(8), now or _now(), select=True)
 
@@ -251,6 +257,9 @@ def turn_off(store: StateStore) -> None:
     """Stop ordering and serve the unit's own identity; keep the account key.
 
     The ACME certificate stays in the state but is no longer served.
+
+    Raises:
+        StateError: the stored ACME settings are damaged.
     """
 
     def change(files: dict[str, bytes]) -> None:
@@ -769,7 +778,13 @@ class AcmeAgent:
             files[_KEY_FILE] = keys.key_pem(key)
             files[_CHAIN_FILE] = chain
             chosen = files.get(device.SOURCE_FILE, b"").strip()
-            if (request is not None and request.select) or chosen in (b"", b"acme"):
+            asked = request is not None and request.select
+            wanted = asked or chosen in (b"", b"acme")
+            # ACME turned off while this order ran: keep the certificate, do
+            # not serve it.
+            current = files.get(SETTINGS_FILE)
+            still_on = current is not None and AcmeSettings.from_json(current).enabled
+            if wanted and still_on:
                 files[device.SOURCE_FILE] = b"acme"
 
         _update_local(self._store, change)
