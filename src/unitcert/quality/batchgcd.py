@@ -68,6 +68,10 @@ PRODUCT_STAGE = "product tree"
 REMAINDER_STAGE = "remainder tree"
 
 _LENGTH = struct.Struct("<Q")
+# Nodes of at least this many bits are walked with the scaled remainder tree
+# (see _scaled_step): GMP's multiplication beats its division from about here.
+_SCALED_MIN_BITS = 1 << 19
+_GUARD_BITS = 64
 # How many nodes a level processes between two progress reports.
 _REPORT_EVERY = 2048
 
@@ -239,7 +243,8 @@ def build_group_tree(
             levels.drop(f"level-{level}")
 
     root = next(levels.read(f"level-{depth}"))
-    levels.drop(f"level-{depth}")
+    if depth:
+        levels.drop(f"level-{depth}")
     return GroupTree(count, depth, root, levels)
 
 
@@ -266,47 +271,116 @@ def descend_group_tree(
     """
     levels = tree._levels
     reporter = _Reporter(REMAINDER_STAGE, tree.count, tree.depth, progress)
-    # P mod root**2 == root * (others mod root), since P == root * others.
-    top = tree.root * (gmpy2.mpz(others) % tree.root)
-    levels.write(f"rem-{tree.depth}", iter([top]))
-    del top
+    root_bits = int(gmpy2.num_digits(tree.root, 2))
+    scaled = [
+        level > 0 and root_bits // _level_width(tree.count, level) >= _SCALED_MIN_BITS
+        for level in range(tree.depth + 1)
+    ]
+    levels.write(f"rem-{tree.depth}", iter([_top(tree.root, others, scaled[-1])]))
 
-    for level in range(tree.depth - 1, 0, -1):
+    for level in range(tree.depth - 1, -1, -1):
         if not levels.has(f"level-{level}"):
             levels.write(f"level-{level}", _products(levels.read(f"level-{level - 1}")))
-        remainders = _remainders(
-            levels.read(f"rem-{level + 1}"), levels.read(f"level-{level}")
+        step = _scaled_step if scaled[level + 1] else _plain_step
+        remainders = step(
+            levels.read(f"rem-{level + 1}"),
+            levels.read(f"level-{level}"),
+            keep_scaled=scaled[level],
         )
         width = _level_width(tree.count, level)
-        levels.write(f"rem-{level}", reporter.count(remainders, width))
+        if level == 0:
+            leaves = levels.read("level-0")
+            results = [
+                int(gmpy2.gcd(r, n))
+                for r, n in zip(reporter.count(remainders, width), leaves, strict=True)
+            ]
+        else:
+            levels.write(f"rem-{level}", reporter.count(remainders, width))
         levels.drop(f"rem-{level + 1}")
         levels.drop(f"level-{level}")
 
-    leaves = levels.read("level-0")
-    remainders = reporter.count(
-        _remainders(levels.read(f"rem-{min(1, tree.depth)}"), levels.read("level-0")),
-        tree.count,
-    )
-    results = [
-        int(gmpy2.gcd(gmpy2.divexact(r, n), n))
-        for r, n in zip(remainders, leaves, strict=True)
-    ]
-    levels.drop(f"rem-{min(1, tree.depth)}")
-    levels.drop("level-0")
+    if tree.depth == 0:
+        (remainder,) = levels.read("rem-0")
+        (modulus,) = levels.read("level-0")
+        levels.drop("rem-0")
+        levels.drop("level-0")
+        return [int(gmpy2.gcd(remainder, modulus))]
     return results
+
+
+# --- the remainder steps ----------------------------------------------------------
+#
+# Below a node T, the walk carries R = (P / T) mod T, the product of every
+# other modulus reduced modulo T (the classic tree's (P mod T**2) / T, at
+# half the size). For a child C with sibling S, P / C = (P / T) * S, so
+# R_C = ((R_T mod C) * (S mod C)) mod C; at a leaf n, gcd(R_n, n) is the
+# answer.
+#
+# Near the top, where numbers have millions of bits and GMP's division costs
+# several multiplications, the walk carries instead the fraction
+# y_T = frac(P / T**2) in fixed point (Bernstein's scaled remainder tree,
+# "Scaled remainder trees", 2004): y_C = frac(y_T * S**2) takes one
+# multiplication and no division, and R_C = round(y_C * C) mod C switches
+# back. Each value keeps 2 * bits(T) + 64 fraction bits and is stored with a
+# marker bit just above them, so its precision travels with it. Truncation
+# errors are at most 2**(depth + 1) units of the last place, far below what
+# the final rounding tolerates, and they are errors modulo 1, which is what
+# the fraction is.
+
+
+def _precision(node: Any) -> int:
+    return 2 * int(gmpy2.num_digits(node, 2)) + _GUARD_BITS
+
+
+def _top(root: Any, others: Any, scaled: bool) -> Any:
+    reduced = gmpy2.mpz(others) % root
+    if not scaled:
+        return reduced
+    bits = _precision(root)
+    # y_root = frac(P / root**2) = (others mod root) / root
+    return ((reduced << bits) // root) | (gmpy2.mpz(1) << bits)
+
+
+def _plain_step(
+    parents: Iterator[Any], nodes: Iterator[Any], *, keep_scaled: bool
+) -> Iterator[Any]:
+    for parent, pair in zip(parents, _pairs(nodes), strict=True):
+        if len(pair) == 1:
+            # An odd node is its own parent: same product, same remainder.
+            yield parent
+            continue
+        left, right = pair
+        yield ((parent % left) * (right % left)) % left
+        yield ((parent % right) * (left % right)) % right
+
+
+def _scaled_step(
+    parents: Iterator[Any], nodes: Iterator[Any], *, keep_scaled: bool
+) -> Iterator[Any]:
+    for parent, pair in zip(parents, _pairs(nodes), strict=True):
+        bits = int(gmpy2.num_digits(parent, 2)) - 1
+        fraction = gmpy2.f_mod_2exp(parent, bits)
+        for index, node in enumerate(pair):
+            child_bits = _precision(node)
+            if len(pair) == 2:
+                sibling = pair[1 - index]
+                value = gmpy2.f_mod_2exp(fraction * (sibling * sibling), bits)
+            else:
+                value = fraction
+            value >>= bits - child_bits
+            if keep_scaled:
+                yield value | (gmpy2.mpz(1) << child_bits)
+            else:
+                remainder = (value * node + (gmpy2.mpz(1) << (child_bits - 1))) >> (
+                    child_bits
+                )
+                yield remainder - node if remainder >= node else remainder
 
 
 def _products(numbers: Iterator[Any]) -> Iterator[Any]:
     """Yield the products of consecutive pairs (an odd last number as it is)."""
     for pair in _pairs(numbers):
         yield pair[0] * pair[1] if len(pair) == 2 else pair[0]
-
-
-def _remainders(parents: Iterator[Any], nodes: Iterator[Any]) -> Iterator[Any]:
-    """Yield each node's parent remainder modulo the node squared."""
-    for parent, pair in zip(parents, _pairs(nodes), strict=True):
-        for node in pair:
-            yield parent % (node * node)
 
 
 def other_products(roots: Sequence[Any]) -> list[Any]:
