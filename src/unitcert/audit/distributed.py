@@ -114,7 +114,13 @@ def batch_gcd_on_dask(
         ]
         trees = [client.submit(_build, part, pure=False) for part in parts]
         roots = [client.submit(_root, tree, pure=False) for tree in trees]
-        _wait(as_completed(roots), PRODUCT_STAGE, ranges, roots, progress)
+        _wait(
+            as_completed(roots, loop=client.loop),
+            PRODUCT_STAGE,
+            ranges,
+            roots,
+            progress,
+        )
         del parts
 
         others = other_products(client.gather(roots))
@@ -124,7 +130,13 @@ def batch_gcd_on_dask(
             client.submit(_descend, tree, other, pure=False)
             for tree, other in zip(trees, other_futures, strict=True)
         ]
-        _wait(as_completed(results), REMAINDER_STAGE, ranges, results, progress)
+        _wait(
+            as_completed(results, loop=client.loop),
+            REMAINDER_STAGE,
+            ranges,
+            results,
+            progress,
+        )
         gcds: list[int] = []
         for part in client.gather(results):
             gcds.extend(part)

@@ -1,0 +1,183 @@
+"""The batch GCD core: product tree, remainder tree, groups, disk, Dask."""
+
+from __future__ import annotations
+
+import math
+import random
+import warnings
+from collections.abc import Iterator
+
+import gmpy2
+import pytest
+
+from unitcert.quality import batchgcd
+from unitcert.quality.batchgcd import SharedFactor, batch_gcd, split_shared
+
+
+def _primes(count: int, bits: int, seed: int) -> list[int]:
+    state = gmpy2.random_state(seed)
+    primes: set[int] = set()
+    while len(primes) < count:
+        start = gmpy2.mpz_urandomb(state, bits) | (1 << (bits - 1))
+        primes.add(int(gmpy2.next_prime(start)))
+    return sorted(primes)
+
+
+@pytest.fixture(scope="session")
+def fleet() -> tuple[list[int], dict[int, set[int]]]:
+    """3,000 moduli of 256-bit primes with shared primes planted among them.
+
+    Returns the moduli and, for each planted prime, the positions of the
+    moduli it divides.
+    """
+    pool = _primes(6_020, 128, seed=6)
+    primes, spare = pool[:6_000], pool[6_000:]
+    moduli = [primes[2 * i] * primes[2 * i + 1] for i in range(3_000)]
+    rng = random.Random(6)
+    positions = rng.sample(range(3_000), 9)
+    p, q, r, s, t, u, v = spare[:7]
+    planted = {
+        positions[0]: p * q,  # shares p with positions[1] and q with positions[2]
+        positions[1]: p * r,
+        positions[2]: q * s,
+        positions[3]: t * u,  # t shared by three moduli
+        positions[4]: t * v,
+        positions[5]: t * spare[7],
+    }
+    for position, modulus in planted.items():
+        moduli[position] = modulus
+    expected = {
+        p: {positions[0], positions[1]},
+        q: {positions[0], positions[2]},
+        t: {positions[3], positions[4], positions[5]},
+    }
+    return moduli, expected
+
+
+def _reference(moduli: list[int]) -> list[int]:
+    product = math.prod(moduli)
+    return [math.gcd(product // n, n) for n in moduli]
+
+
+def _found(moduli: list[int], gcds: list[int]) -> dict[int, set[int]]:
+    return {s.factor: set(s.indices) for s in split_shared(moduli, gcds)}
+
+
+def test_batch_gcd_matches_the_definition_on_random_numbers() -> None:
+    rng = random.Random(1)
+    for count in (1, 2, 3, 7, 64, 301):
+        moduli = list({rng.getrandbits(200) | 1 | (1 << 199) for _ in range(count)})
+        assert batch_gcd(moduli) == _reference(moduli)
+
+
+def test_batch_gcd_scaled_remainder_tree_matches_the_definition(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Force the scaled (fixed-point) walk down to small nodes, where an error
+    # in its precision would show.
+    rng = random.Random(2)
+    moduli = list({rng.getrandbits(300) | 1 for _ in range(777)})
+    for threshold in (1, 700, 5_000):
+        monkeypatch.setattr(batchgcd, "_SCALED_MIN_BITS", threshold)
+        assert batch_gcd(moduli) == _reference(moduli)
+        assert batch_gcd(moduli, spill=True) == _reference(moduli)
+
+
+def test_batch_gcd_finds_exactly_the_planted_primes(
+    fleet: tuple[list[int], dict[int, set[int]]],
+) -> None:
+    moduli, expected = fleet
+
+    gcds = batch_gcd(moduli)
+
+    assert _found(moduli, gcds) == expected
+    assert sum(1 for g in gcds if g != 1) == 6
+
+
+def test_split_shared_splits_a_modulus_that_shares_both_primes() -> None:
+    p, q, r, s = _primes(4, 64, seed=3)
+    moduli = [p * q, p * r, q * s]
+
+    gcds = batch_gcd(moduli)
+    shared = split_shared(moduli, gcds)
+
+    assert gcds[0] == p * q  # the GCD is the modulus itself
+    assert shared == [
+        SharedFactor(min(p, q), (0, 1) if min(p, q) == p else (0, 2), True),
+        SharedFactor(max(p, q), (0, 2) if max(p, q) == q else (0, 1), True),
+    ]
+
+
+def test_split_shared_reports_a_modulus_given_twice_as_not_prime() -> None:
+    p, q, r, s = _primes(4, 64, seed=4)
+    moduli = [p * q, r * s, p * q]
+
+    shared = split_shared(moduli, batch_gcd(moduli))
+
+    assert shared == [SharedFactor(p * q, (0, 2), False)]
+
+
+@pytest.mark.parametrize(
+    ("jobs", "spill"), [(1, True), (2, False), (2, True), (3, False)]
+)
+def test_batch_gcd_gives_the_same_results_in_every_mode(
+    fleet: tuple[list[int], dict[int, set[int]]], jobs: int, spill: bool
+) -> None:
+    moduli, expected = fleet
+    seen: list[tuple[str, float]] = []
+
+    gcds = batch_gcd(
+        moduli, jobs=jobs, spill=spill, progress=lambda s, f: seen.append((s, f))
+    )
+
+    assert gcds == batch_gcd(moduli)
+    assert _found(moduli, gcds) == expected
+    assert ("remainder tree", 1.0) in seen
+
+
+def test_batch_gcd_refuses_a_modulus_below_two() -> None:
+    with pytest.raises(ValueError, match="at least 2"):
+        batch_gcd([15, 1])
+
+
+def test_batch_gcd_of_nothing_is_nothing() -> None:
+    assert batch_gcd([]) == []
+    assert batch_gcd([], jobs=2) == []
+
+
+@pytest.fixture(scope="module")
+def dask_cluster() -> Iterator[str]:
+    distributed = pytest.importorskip("distributed")
+    with warnings.catch_warnings():
+        # Dask's own start-up may warn about its environment; that is not ours.
+        warnings.simplefilter("ignore")
+        cluster = distributed.LocalCluster(
+            n_workers=2,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            host="127.0.0.1",
+        )
+    try:
+        yield cluster.scheduler_address
+    finally:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cluster.close()
+
+
+def test_batch_gcd_on_dask_matches_the_single_machine_run(
+    fleet: tuple[list[int], dict[int, set[int]]], dask_cluster: str
+) -> None:
+    from unitcert.audit.distributed import batch_gcd_on_dask
+
+    moduli, expected = fleet
+    fractions: list[float] = []
+
+    gcds = batch_gcd_on_dask(
+        moduli, dask_cluster, groups=5, progress=lambda s, f: fractions.append(f)
+    )
+
+    assert gcds == batch_gcd(moduli)
+    assert _found(moduli, gcds) == expected
+    assert fractions[-1] == 1.0
