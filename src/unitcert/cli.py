@@ -483,6 +483,7 @@ def label_command(state_dir: Path, output: Path) -> None:
 # the factory's database or the audit's number crunching.
 _PART_COMMANDS: dict[str, str] = {
     "factory": "unitcert.factory.cli:factory",
+    "audit": "unitcert.audit.cli:audit",
 }
 _DEVICE_PART_COMMANDS: dict[str, str] = {
     "csr": "unitcert.factory.cli:csr_command",
