@@ -51,21 +51,18 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * _SIZE_FACTORS[match.group(2).lower()])
 
 
-class _SizeType(click.ParamType):
-    name = "SIZE"
-
-    def convert(
-        self, value: object, param: click.Parameter | None, ctx: click.Context | None
-    ) -> int:
-        if isinstance(value, int):
-            return value
-        try:
-            size = parse_size(str(value))
-        except ValueError as exc:
-            self.fail(str(exc), param, ctx)
-        if size <= 0:
-            self.fail("the memory limit must be above zero", param, ctx)
-        return size
+def _size_option(
+    ctx: click.Context, param: click.Parameter, value: str | None
+) -> int | None:
+    if value is None:
+        return None
+    try:
+        size = parse_size(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), ctx, param) from None
+    if size <= 0:
+        raise click.BadParameter("the memory limit must be above zero", ctx, param)
+    return size
 
 
 @click.command("audit")
@@ -74,6 +71,19 @@ class _SizeType(click.ParamType):
     nargs=-1,
     type=click.Path(path_type=Path, exists=False),
     metavar="[PATH]...",
+)
+@click.option(
+    "--db",
+    "db_url",
+    metavar="URL",
+    help="Audit the factory registry at this database URL "
+    "(sqlite:///F/registry.db, postgresql+psycopg://USER@HOST/DB).",
+)
+@click.option(
+    "--dir",
+    "factory_dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Audit the registry of this factory folder (its registry.db).",
 )
 @click.option(
     "--hosts",
@@ -116,7 +126,8 @@ class _SizeType(click.ParamType):
 )
 @click.option(
     "--memory-limit",
-    type=_SizeType(),
+    metavar="SIZE",
+    callback=_size_option,
     help="Keep the batch GCD within this memory (e.g. 4G) by writing tree levels "
     "to disk.",
 )
@@ -136,6 +147,8 @@ class _SizeType(click.ParamType):
 def audit(
     ctx: click.Context,
     paths: tuple[Path, ...],
+    db_url: str | None,
+    factory_dir: Path | None,
     hosts_file: Path | None,
     concurrency: int,
     timeout: float,
@@ -150,7 +163,8 @@ def audit(
     """Find shared, weak and known keys across the fleet.
 
     Reads certificates, CSRs, public keys and SSH host keys from PATHs (files
-    and folders) and from live hosts (--hosts), all as one fleet, and reports
+    and folders), from live hosts (--hosts) and from the factory registry
+    (--db or --dir), all as one fleet, and reports
     keys that several units share, RSA moduli that share a prime (batch GCD),
     and keys that badkeys' checks or the published-key list flag.
 
@@ -158,6 +172,16 @@ def audit(
     """
     try:
         sources: list[Source] = []
+        if db_url is not None and factory_dir is not None:
+            raise click.UsageError("give --db or --dir, not both", ctx)
+        if db_url is not None or factory_dir is not None:
+            from unitcert.audit.registry import RegistrySource
+
+            sources.append(
+                RegistrySource(db_url)
+                if db_url is not None
+                else RegistrySource.for_directory(factory_dir or Path())
+            )
         if paths:
             sources.append(FileSource(paths))
         if hosts_file is not None:
@@ -170,7 +194,8 @@ def audit(
             )
         if not sources:
             raise click.UsageError(
-                "nothing to audit: give PATHs of keys or certificates, or --hosts FILE",
+                "nothing to audit: give PATHs of keys or certificates, --hosts FILE, "
+                "or a registry (--db URL or --dir F)",
                 ctx,
             )
         if workdir is not None and not workdir.is_dir():

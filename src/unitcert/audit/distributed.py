@@ -13,6 +13,7 @@ Dask is an optional dependency (the ``fleet`` extra).
 
 from __future__ import annotations
 
+import importlib
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -29,21 +30,22 @@ from unitcert.quality.batchgcd import (
     plan_groups,
 )
 
-__all__ = ["batch_gcd_on_dask"]
+__all__ = ["DEFAULT_CONNECT_TIMEOUT", "batch_gcd_on_dask"]
 
 logger = logging.getLogger(__name__)
 
-_CONNECT_TIMEOUT = "20s"
+DEFAULT_CONNECT_TIMEOUT = 20.0
+
+
+def _tree_size(tree: GroupTree) -> int:
+    return tree.nbytes()
 
 
 def _register_sizeof() -> None:
     # Tell Dask how big a tree is, so that the scheduler runs the remainder
     # step where the tree already lives instead of moving it.
-    from dask.sizeof import sizeof
-
-    @sizeof.register(GroupTree)
-    def _tree_size(tree: GroupTree) -> int:
-        return tree.nbytes()
+    sizeof: Any = importlib.import_module("dask.sizeof").sizeof
+    sizeof.register(GroupTree)(_tree_size)
 
 
 def _build(moduli: list[int]) -> GroupTree:
@@ -65,6 +67,7 @@ def batch_gcd_on_dask(
     *,
     groups: int | None = None,
     progress: ProgressCallback | None = None,
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
 ) -> list[int]:
     """Run :func:`~unitcert.quality.batchgcd.batch_gcd` on a Dask cluster.
 
@@ -74,6 +77,7 @@ def batch_gcd_on_dask(
         groups: how many groups to split the moduli into; by default the
             cluster's number of worker threads (at least 2).
         progress: called with ``(stage, fraction)`` as groups finish.
+        connect_timeout: seconds to wait for the scheduler.
 
     Returns:
         One GCD per modulus, in order.
@@ -82,7 +86,7 @@ def batch_gcd_on_dask(
         InputError: Dask is not installed, or the scheduler cannot be reached.
     """
     try:
-        from distributed import Client, as_completed
+        distributed: Any = importlib.import_module("distributed")
     except ImportError:
         raise InputError(
             "--dask needs Dask's distributed scheduler: install unitcert with the "
@@ -92,7 +96,9 @@ def batch_gcd_on_dask(
         return []
 
     try:
-        client = Client(address, timeout=_CONNECT_TIMEOUT, set_as_default=False)
+        client = distributed.Client(
+            address, timeout=connect_timeout, set_as_default=False
+        )
     except (OSError, TimeoutError) as exc:
         raise InputError(
             f"cannot reach the Dask scheduler at {address} ({exc}): check the address "
@@ -115,7 +121,7 @@ def batch_gcd_on_dask(
         trees = [client.submit(_build, part, pure=False) for part in parts]
         roots = [client.submit(_root, tree, pure=False) for tree in trees]
         _wait(
-            as_completed(roots, loop=client.loop),
+            distributed.as_completed(roots, loop=client.loop),
             PRODUCT_STAGE,
             ranges,
             roots,
@@ -131,7 +137,7 @@ def batch_gcd_on_dask(
             for tree, other in zip(trees, other_futures, strict=True)
         ]
         _wait(
-            as_completed(results, loop=client.loop),
+            distributed.as_completed(results, loop=client.loop),
             REMAINDER_STAGE,
             ranges,
             results,

@@ -188,8 +188,8 @@ def _bar_chart(
         )
         if total is not None:
             parts.append(
-                f'<rect x="{bar_left}" y="{y + 3}" width="{max(1.0, total * scale):.1f}" '
-                f'height="16" fill="#d9dee8"/>'
+                f'<rect x="{bar_left}" y="{y + 3}" '
+                f'width="{max(1.0, total * scale):.1f}" height="16" fill="#d9dee8"/>'
             )
         parts.append(
             f'<rect x="{bar_left}" y="{y + 3}" width="{value * scale:.1f}" height="16" '
@@ -198,7 +198,8 @@ def _bar_chart(
         text = f"{value:,}" if total is None else f"{value:,} of {total:,}{total_label}"
         end = max(value, total or 0) * scale
         parts.append(
-            f'<text x="{bar_left + end + 6:.1f}" y="{y + 15}">{html.escape(text)}</text>'
+            f'<text x="{bar_left + end + 6:.1f}" y="{y + 15}">'
+            f"{html.escape(text)}</text>"
         )
     parts.append("</svg>")
     return "".join(parts)
@@ -254,14 +255,15 @@ def render_html(report: AuditReport) -> str:
 
     if report.clean:
         verdict = (
-            f'<div class="verdict clean">Clean: none of the {report.units:,} units has a '
-            "shared, weak or known key.</div>"
+            f'<div class="verdict clean">Clean: none of the {report.units:,} units '
+            "has a shared, weak or known key.</div>"
         )
     else:
         factored = len({u.name for f in report.findings if f.factored for u in f.units})
         verdict = (
-            f'<div class="verdict bad"><b>{report.affected_units:,} of {report.units:,} '
-            f"units need attention</b>: {len(report.findings):,} findings; the keys of "
+            f'<div class="verdict bad"><b>{report.affected_units:,} of '
+            f"{report.units:,} units need attention</b>: "
+            f"{len(report.findings):,} findings; the keys of "
             f"{factored:,} units are factored or otherwise known and must be replaced "
             "first.</div>"
         )

@@ -12,7 +12,7 @@ import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,11 +141,16 @@ def _read_sources(
     for source in sources:
         stage = f"reading {source.describe()}"
         progress.start(stage, source.size(), "items")
-        records.extend(
-            source.records(problems, lambda n, s=stage: progress.advance(s, n))
-        )
+        records.extend(source.records(problems, _advancer(progress, stage)))
         progress.finish(stage)
     return records
+
+
+def _advancer(progress: AuditProgress, stage: str) -> Callable[[int], None]:
+    def advance(amount: int) -> None:
+        progress.advance(stage, amount)
+
+    return advance
 
 
 def _spill(moduli: Sequence[int], settings: AuditSettings) -> bool:
@@ -279,7 +284,7 @@ def run_audit(
         check_single_keys(
             records,
             jobs=settings.jobs,
-            advance=lambda n: progress.advance(_CHECK_STAGE, n),
+            advance=_advancer(progress, _CHECK_STAGE),
         )
     )
     progress.finish(_CHECK_STAGE)

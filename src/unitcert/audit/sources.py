@@ -33,7 +33,7 @@ import os
 import re
 import ssl
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -610,14 +610,19 @@ class FileSource:
             raise _NotKeys(f"it is over {MAX_FILE_BYTES // (1024 * 1024)} MiB")
         blocks = _file_blocks(data)
         unit = str(path.with_suffix("")) if path.suffix else str(path)
-        many = len(blocks) > 1
-        for number, block in enumerate(blocks, start=1):
-            location = f"{path}#{number}" if many else str(path)
-            record = _block_record(
-                block, unit=f"{unit}#{number}" if many else unit, location=location
-            )
-            if record is not None:
-                yield record
+        records = [
+            record
+            for number, block in enumerate(blocks, start=1)
+            if (record := _block_record(block, unit=unit, location=f"{path}#{number}"))
+            is not None
+        ]
+        if len(records) == 1:
+            # One unit key in the file (a chain's CA certificates are skipped).
+            yield replace(records[0], location=str(path))
+            return
+        for number, record in enumerate(records, start=1):
+            named = record.unit if record.unit != unit else f"{unit}#{number}"
+            yield replace(record, unit=named)
 
 
 def _reason(exc: BaseException) -> str:

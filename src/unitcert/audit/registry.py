@@ -1,0 +1,105 @@
+"""The factory registry as an audit source (``unitcert audit --db URL`` or ``--dir F``).
+
+Every unit the registry holds is audited by the key of its current
+certificate, under its serial; revoked units too, since their keys may still
+be in the field. The registry is read through its public API
+(:meth:`unitcert.factory.registry.Registry.list_units`), which loads the unit
+list in one query.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from unitcert.audit.sources import KeyRecord, SourceProblem, cert_record
+from unitcert.errors import InputError
+from unitcert.factory.registry import RegisteredUnit, Registry, default_url
+
+__all__ = ["RegistrySource"]
+
+logger = logging.getLogger(__name__)
+
+
+class RegistrySource:
+    """The units of a factory registry, each under its serial."""
+
+    def __init__(self, url: str) -> None:
+        """Remember the registry's URL; it is opened on first use.
+
+        Args:
+            url: an SQLAlchemy URL (``sqlite:///F/registry.db``,
+                ``postgresql+psycopg://user@host/db``).
+        """
+        self.url = url
+        self._units: list[RegisteredUnit] | None = None
+        try:
+            self._name = sa.make_url(url).render_as_string(hide_password=True)
+        except sa.exc.ArgumentError:
+            self._name = "(unreadable URL)"
+
+    @classmethod
+    def for_directory(cls, directory: Path) -> RegistrySource:
+        """Return the source for the SQLite registry of a factory folder."""
+        return cls(default_url(directory))
+
+    def _load(self) -> list[RegisteredUnit]:
+        if self._units is None:
+            with Registry(self.url) as registry:
+                self._name = registry.display_url
+                self._units = registry.list_units()
+            logger.info(
+                "read %d units from the registry %s", len(self._units), self._name
+            )
+        return self._units
+
+    def describe(self) -> str:
+        """Return "registry URL" (without a password)."""
+        return f"registry {self._name}"
+
+    def size(self) -> int:
+        """Return how many units the registry holds.
+
+        Raises:
+            RegistryError: the registry cannot be opened or read.
+        """
+        return len(self._load())
+
+    def records(
+        self,
+        problems: list[SourceProblem],
+        advance: Callable[[int], None] | None = None,
+    ) -> Iterator[KeyRecord]:
+        """Yield the key of every unit's current certificate (see ``Source``).
+
+        Raises:
+            RegistryError: the registry cannot be opened or read.
+        """
+        for unit in self._load():
+            location = f"{self._name}#{unit.serial}"
+            try:
+                der = _pem_to_der(unit.cert_pem)
+                record = cert_record(
+                    der, unit=unit.serial, source="registry", location=location
+                )
+            except InputError as exc:
+                problems.append(SourceProblem(location, str(exc)))
+                record = None
+            if record is not None:
+                yield record
+            if advance is not None:
+                advance(1)
+
+
+def _pem_to_der(pem: str) -> bytes:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        cert = x509.load_pem_x509_certificate(pem.encode("ascii"))
+    except (ValueError, UnicodeEncodeError) as exc:
+        raise InputError("its certificate is unreadable") from exc
+    return cert.public_bytes(serialization.Encoding.DER)
