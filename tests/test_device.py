@@ -13,6 +13,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from unitcert import device
 from unitcert.cli import run
+from unitcert.errors import StateError
 from unitcert.store import Part, StateStore
 
 MACHINE_A = "0123456789abcdef0123456789abcdef"
@@ -317,3 +318,134 @@ def test_host_name_longer_than_a_common_name_goes_only_into_the_san(
     serials = unit.cert.subject.get_attributes_for_oid(x509.NameOID.SERIAL_NUMBER)
     assert [a.value for a in serials] == [serial]
     assert not unit.cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+
+
+def _identity_keys(store: StateStore) -> list[Path]:
+    return sorted((store.root / "identity").glob("g*/key.pem"))
+
+
+def test_lost_identity_link_is_restored_not_replaced(tmp_path: Path) -> None:
+    store = StateStore(tmp_path / "state")
+    made = device.init_unit(store).unit
+    (store.root / "identity" / "current").unlink()
+
+    with pytest.raises(StateError, match="lost its identity link"):
+        device.load_unit(store)
+    started = device.start_unit(store)
+
+    assert started.unit.info.code == made.info.code
+    assert not started.created
+    assert any("restored it to generation" in note for note in started.notes)
+
+
+def test_identity_link_to_a_missing_generation_is_restored(tmp_path: Path) -> None:
+    store = StateStore(tmp_path / "state")
+    made = device.init_unit(store).unit
+    link = store.root / "identity" / "current"
+    link.unlink()
+    link.symlink_to("g00009999")
+
+    restored = device.init_unit(store)
+
+    assert restored.unit.info.code == made.info.code
+    assert not restored.created
+
+
+def test_damaged_identity_record_names_the_file_and_reset_recovers(
+    tmp_path: Path,
+) -> None:
+    store = StateStore(tmp_path / "state")
+    made = device.init_unit(store, serial="sn1").unit
+    meta = made.identity.path / "meta.json"
+    meta.write_bytes(b"\x00garbage")
+
+    with pytest.raises(StateError) as caught:
+        device.load_unit(store)
+    assert str(meta) in str(caught.value)
+    assert "--regenerate-identity" in str(caught.value)
+    with pytest.raises(StateError, match="no readable identity"):
+        device.reset_unit(store)
+    recovered = device.reset_unit(store, regenerate_identity=True).unit
+
+    assert recovered.info.code != made.info.code
+    assert device.load_unit(store).info.code == recovered.info.code
+
+
+def test_reset_removes_the_old_key_and_the_owners_earlier_generations(
+    tmp_path: Path,
+) -> None:
+    from unitcert.credential import AdminCredential
+
+    store = StateStore(tmp_path / "state")
+    device.init_unit(store)
+    device.save_admin_credential(
+        store, AdminCredential(setup="X").with_password("owner password 1")
+    )
+    device.reset_unit(store)  # a second identity, so there is a previous one
+    old_keys = {p.read_bytes() for p in _identity_keys(store)}
+
+    after = device.reset_unit(store).unit
+
+    remaining = _identity_keys(store)
+    assert remaining == [after.identity.path / "key.pem"]
+    assert remaining[0].read_bytes() not in old_keys
+    owner_files = [
+        p
+        for p in (store.root / "local").glob("g*/*")
+        if p.parent != after.identity.path
+    ]
+    # Only the fresh setup credential remains: no password hash of the old owner.
+    assert [p.name for p in owner_files] == ["admin.json"]
+    assert b'"password_hash": null' in owner_files[0].read_bytes()
+
+
+def test_crashed_first_boot_starts_over_with_a_fresh_identity(tmp_path: Path) -> None:
+    store = StateStore(tmp_path / "state")
+    store.create()
+    partial = store.root / "identity" / "g00000001"
+    partial.mkdir()
+    (partial / "key.pem").write_bytes(b"-----BEGIN PRIV")
+
+    result = device.init_unit(store)
+
+    assert result.created
+    assert not partial.exists()
+
+
+def test_empty_serial_and_numeric_domains_are_refused(tmp_path: Path) -> None:
+    from unitcert.errors import InputError
+
+    for options in (
+        {"serial": ""},
+        {"domain": "192.168.1.1"},
+        {"domain": "example.123"},
+    ):
+        with pytest.raises(InputError):
+            device.init_unit(StateStore(tmp_path / "s"), **options)  # type: ignore[arg-type]
+    assert not (tmp_path / "s").exists()
+
+
+def test_identity_record_with_an_unknown_source_is_damage(tmp_path: Path) -> None:
+    store = StateStore(tmp_path / "state")
+    made = device.init_unit(store).unit
+    meta = made.identity.path / "meta.json"
+    meta.write_text(meta.read_text().replace('"self"', "42"))
+
+    with pytest.raises(StateError, match=r"meta\.json"):
+        device.load_unit(store)
+
+
+def test_init_on_existing_state_says_which_options_it_did_not_apply(
+    tmp_path: Path,
+) -> None:
+    from unitcert import keys
+
+    store = StateStore(tmp_path / "state")
+    device.init_unit(store, serial="sn1")
+
+    again = device.init_unit(store, serial="sn2", key_type=keys.KeyType.RSA2048)
+
+    assert not again.created
+    assert any(
+        "--serial (it stays sn1)" in n and "--key-type" in n for n in again.notes
+    )

@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from unitcert import certs, keys
 from unitcert.code import ALPHABET, code_for_spki, qr_payload, spki_from_cert_der
 from unitcert.credential import AdminCredential, new_setup_credential
-from unitcert.errors import InputError, KeyMismatchError, StateError
+from unitcert.errors import InputError, KeyMismatchError, StateError, UnitcertError
 from unitcert.store import Generation, Part, StateStore
 
 __all__ = [
@@ -81,6 +81,13 @@ _SOURCE_NAMES = {
 }
 
 
+def _remedy(store_root: Path) -> str:
+    return (
+        f"run 'unitcert device reset --state {store_root} --yes "
+        "--regenerate-identity' to make a new identity (the sticker code changes)"
+    )
+
+
 def describe_source(source: str) -> str:
     """Return the name users see for a certificate source (``self`` is self-signed)."""
     return _SOURCE_NAMES.get(source, source)
@@ -105,6 +112,11 @@ def _check_domain(value: str) -> str:
     labels = value.lower().rstrip(".").split(".")
     for label in labels:
         check_label("domain part", label)
+    if labels[-1].isdigit():
+        raise InputError(
+            f"the domain {value!r} ends in a number, like an IP address: give a "
+            "DNS domain such as example.com"
+        )
     domain = ".".join(labels)
     if len(domain) > 200:
         raise InputError(f"the domain {value!r} is too long for a host name")
@@ -207,6 +219,8 @@ class IdentityMeta:
         """
         try:
             raw = json.loads(data)
+            if raw["source"] not in ("self", "factory"):
+                raise ValueError(f"unknown identity source {raw['source']!r}")
             return cls(
                 source=raw["source"],
                 serial=raw["serial"],
@@ -317,6 +331,7 @@ def _make_identity(
     entropy_timeout: float,
     generator: Callable[[keys.KeyType], keys.PrivateKey],
     bind_to_serial: bool = False,
+    keep_previous: bool = True,
 ) -> None:
     key = keys.generate_checked_key(
         key_type, entropy_timeout=entropy_timeout, generator=generator
@@ -333,7 +348,11 @@ def _make_identity(
         created=_now().isoformat(timespec="seconds"),
     )
     cert = certs.build_self_signed(key, [meta.hostname], serial_number=serial)
-    store.commit(Part.IDENTITY, _identity_files(key, certs.pem_chain([cert]), meta))
+    store.commit(
+        Part.IDENTITY,
+        _identity_files(key, certs.pem_chain([cert]), meta),
+        keep_previous=keep_previous,
+    )
     logger.info("made a new %s identity for %s", key_type.value, meta.hostname)
 
 
@@ -392,10 +411,16 @@ def _read_served(
         chain = x509.load_pem_x509_certificates(generation.read(chain_name))
     except ValueError as exc:
         raise StateError(
-            f"the state is damaged: its {source} certificate is unreadable"
+            f"the state is damaged: the {source} certificate "
+            f"{generation.path / chain_name} is unreadable"
         ) from exc
     key_path = generation.path / key_name
-    key = keys.FileKeyStore(key_path).signing_key()
+    try:
+        key = keys.FileKeyStore(key_path).signing_key()
+    except InputError as exc:
+        raise StateError(
+            f"the state is damaged: the {source} key {key_path} is unreadable"
+        ) from exc
     leaf = chain[0]
     info = certs.cert_info(leaf)
     key_spki = _spki(key.public_key())
@@ -403,7 +428,7 @@ def _read_served(
         key_code = str(code_for_spki(key_spki))
         raise KeyMismatchError(
             f"the state is damaged: its {source} certificate (key {info.code}) does "
-            f"not match its private key ({key_code}): reset the unit",
+            f"not match its private key ({key_code})",
             cert_code=str(info.code),
             key_code=key_code,
         )
@@ -475,6 +500,51 @@ def chosen_source(local: Generation | None) -> str | None:
     return choice
 
 
+def _read_meta(identity: Generation, store_root: Path) -> IdentityMeta:
+    try:
+        return IdentityMeta.from_json(identity.read(META_FILE))
+    except StateError as exc:
+        raise StateError(
+            f"the state is damaged: {identity.path / META_FILE} is unreadable: "
+            f"{_remedy(store_root)}"
+        ) from exc
+
+
+def _identity_complete(identity: Generation) -> bool:
+    """Say whether a generation holds a whole identity (record, key, matching cert)."""
+    try:
+        meta = IdentityMeta.from_json(identity.read(META_FILE))
+        _read_served(identity, meta.source, KEY_FILE, CERT_FILE)
+    except (UnitcertError, OSError, ValueError):
+        return False
+    return True
+
+
+def _repair_identity(store: StateStore) -> str | None:
+    """Point a missing or broken identity link at the newest whole generation.
+
+    Call with the lock held. A lost link must never turn into a new key: the
+    sticker would silently stop applying.
+
+    Returns:
+        A note for the operator when something was repaired.
+    """
+    try:
+        if store.current(Part.IDENTITY) is not None:
+            return None
+    except StateError:
+        pass
+    if not store.generations(Part.IDENTITY):
+        return None
+    restored = store.recover(Part.IDENTITY, _identity_complete)
+    if restored is None:
+        return None
+    return (
+        "the identity's current link was missing or damaged: restored it to "
+        f"generation {restored.number}, the newest whole identity"
+    )
+
+
 def load_unit(store: StateStore) -> Unit:
     """Load the unit from its state: what it serves, and why.
 
@@ -487,14 +557,30 @@ def load_unit(store: StateStore) -> Unit:
         KeyMismatchError: the identity's key and certificate do not belong
             together.
     """
-    identity = store.current(Part.IDENTITY)
+    try:
+        identity = store.current(Part.IDENTITY)
+    except StateError as exc:
+        raise StateError(
+            f"{exc}: start the unit ('unitcert device serve') or run 'unitcert "
+            f"device init --state {store.root}' to restore it from a whole "
+            "generation"
+        ) from None
     if identity is None:
+        if store.root.is_dir() and store.generations(Part.IDENTITY):
+            raise StateError(
+                f"the state at {store.root} has lost its identity link: start the "
+                "unit ('unitcert device serve') or run 'unitcert device init' to "
+                "restore it"
+            )
         raise StateError(
             f"there is no unit identity at {store.root}: run "
             f"'unitcert device init --state {store.root}' first"
         )
-    meta = IdentityMeta.from_json(identity.read(META_FILE))
-    own, note = _identity_served(identity, meta)
+    meta = _read_meta(identity, store.root)
+    try:
+        own, note = _identity_served(identity, meta)
+    except (StateError, KeyMismatchError) as exc:
+        raise StateError(f"{exc}: {_remedy(store.root)}") from exc
     local = store.current(Part.LOCAL)
     chosen = chosen_source(local)
     served = own
@@ -610,18 +696,27 @@ def init_unit(
     """
     product = check_label("product", product)
     domain = _check_domain(domain)
-    serial = check_label("serial", serial) if serial else None
+    serial = check_label("serial", serial) if serial is not None else None
 
     store.create()
     with store.lock():
+        repaired = _repair_identity(store)
         if store.exists():
             unit = load_unit(store)
-            return InitResult(
-                unit,
-                created=False,
-                notes=(
-                    f"the unit already has its identity ({unit.info.code}); kept it",
-                ),
+            notes = [repaired] if repaired else []
+            notes.append(
+                f"the unit already has its identity ({unit.info.code}); kept it"
+            )
+            ignored = _ignored_options(unit.meta, serial=serial, key_type=key_type)
+            if ignored:
+                notes.append(ignored)
+            return InitResult(unit, created=False, notes=tuple(notes))
+        if store.generations(Part.IDENTITY) and _has_admin(store):
+            # Generations exist but none is whole, after first boot finished:
+            # this is damage, not a first boot; never replace a key silently.
+            raise StateError(
+                f"the state at {store.root} holds no whole identity: "
+                f"{_remedy(store.root)}"
             )
         _make_identity(
             store,
@@ -636,6 +731,31 @@ def init_unit(
         unit = load_unit(store)
         _ensure_admin(store, unit.meta)
         return InitResult(load_unit(store), created=True)
+
+
+def _has_admin(store: StateStore) -> bool:
+    try:
+        local = store.current(Part.LOCAL)
+    except StateError:
+        return True
+    return local is not None and local.has(ADMIN_FILE)
+
+
+def _ignored_options(
+    meta: IdentityMeta, *, serial: str | None, key_type: keys.KeyType
+) -> str | None:
+    """Say which identity options an existing identity did not take."""
+    ignored = []
+    if serial is not None and serial != meta.serial:
+        ignored.append(f"--serial (it stays {meta.serial})")
+    if key_type is not keys.KeyType.P256 and key_type.value != meta.key_type:
+        ignored.append(f"--key-type (it stays {meta.key_type})")
+    if not ignored:
+        return None
+    return (
+        f"options for a new identity were not applied: {', '.join(ignored)}; a "
+        "factory reset with --regenerate-identity makes a new one"
+    )
 
 
 def start_unit(
@@ -677,12 +797,14 @@ def start_unit(
             _rebind(store, identity, replace(meta, binding=here))
             notes.append("bound the state to this machine")
         elif meta.binding != here and not _binding_matches(meta):
-            notes.extend(
-                _handle_clone(
-                    store, meta, entropy_timeout=entropy_timeout, generator=generator
-                )
+            clone_notes = _handle_clone(
+                store, meta, entropy_timeout=entropy_timeout, generator=generator
             )
-            created = created or meta.source != "factory"
+            if meta.source != "factory":
+                # The identity that init kept is gone: do not report it.
+                notes = [n for n in notes if "kept it" not in n]
+                created = True
+            notes.extend(clone_notes)
         _ensure_admin(store, meta)
     if renew_self_signed_if_due(store, now=now):
         notes.append("re-signed the self-signed certificate with the same key")
@@ -722,6 +844,7 @@ def _handle_clone(
         key_type=keys.KeyType.parse(meta.key_type),
         entropy_timeout=entropy_timeout,
         generator=generator,
+        keep_previous=False,
     )
     return ["state made on another machine (cloned image): made a new identity"]
 
@@ -738,34 +861,80 @@ def reset_unit(
     A factory identity survives, like an IEEE 802.1AR IDevID, unless
     ``regenerate_identity`` forces a new key.
 
+    The old identity key (when remade) and every earlier generation of the
+    owner's part are removed, so that nothing of the previous owner and no
+    retired key stays behind. A damaged identity is repaired from its newest
+    whole generation, or, with ``regenerate_identity``, replaced.
+
     Raises:
-        StateError: there is no unit state.
+        StateError: there is no unit state, or the identity is damaged and
+            ``regenerate_identity`` was not asked for.
     """
+    if not store.root.is_dir():
+        raise StateError(f"there is no unit state at {store.root} to reset")
     with store.lock():
-        identity = store.current(Part.IDENTITY)
-        if identity is None:
-            raise StateError(f"there is no unit state at {store.root} to reset")
-        meta = IdentityMeta.from_json(identity.read(META_FILE))
+        _repair_identity(store)
+        meta = _last_known_meta(store)
+        if meta is None and not regenerate_identity:
+            raise StateError(
+                f"the state at {store.root} holds no readable identity: "
+                f"{_remedy(store.root)}"
+            )
         store.wipe(Part.LOCAL)
         notes = ["wiped the owner's settings and certificates"]
-        regenerate = regenerate_identity or meta.source != "factory"
+        regenerate = (
+            regenerate_identity
+            or meta is None
+            or meta.source != "factory"
+            or not _identity_whole(store)
+        )
         if regenerate:
             _make_identity(
                 store,
-                serial=meta.serial,
-                product=meta.product,
-                domain=meta.domain,
-                key_type=keys.KeyType.parse(meta.key_type),
+                serial=meta.serial if meta else _random_serial(),
+                product=meta.product if meta else DEFAULT_PRODUCT,
+                domain=meta.domain if meta else DEFAULT_DOMAIN,
+                key_type=keys.KeyType.parse(meta.key_type)
+                if meta
+                else keys.KeyType.P256,
                 entropy_timeout=entropy_timeout,
                 generator=generator,
+                keep_previous=False,
             )
             notes.append(
                 "made a new identity key: the old sticker code no longer applies"
             )
         else:
             notes.append("kept the factory identity: the sticker still applies")
-        _ensure_admin(store, meta)
+        unit = load_unit(store)
+        _ensure_admin(store, unit.meta)
     return InitResult(load_unit(store), created=regenerate, notes=tuple(notes))
+
+
+def _identity_whole(store: StateStore) -> bool:
+    try:
+        current = store.current(Part.IDENTITY)
+    except StateError:
+        return False
+    return current is not None and _identity_complete(current)
+
+
+def _last_known_meta(store: StateStore) -> IdentityMeta | None:
+    """The identity record in force, else the newest readable one, else None."""
+    candidates = []
+    try:
+        current = store.current(Part.IDENTITY)
+    except StateError:
+        current = None
+    if current is not None:
+        candidates.append(current)
+    candidates.extend(store.generations(Part.IDENTITY))
+    for generation in candidates:
+        try:
+            return IdentityMeta.from_json(generation.read(META_FILE))
+        except (StateError, OSError):
+            continue
+    return None
 
 
 def renew_self_signed_if_due(

@@ -29,7 +29,7 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -250,10 +250,20 @@ class StateStore:
                     numbers.append(int(match.group(1)))
         return max(numbers) + 1
 
-    def commit(self, part: Part, files: Mapping[str, bytes]) -> Generation:
+    def commit(
+        self, part: Part, files: Mapping[str, bytes], *, keep_previous: bool = True
+    ) -> Generation:
         """Write ``files`` as the new generation of ``part`` and switch to it.
 
-        Call with :meth:`lock` held. Every file is private (0600).
+        Call with :meth:`lock` held. Every file is private (0600). A damaged
+        ``current`` link is replaced, not followed.
+
+        Args:
+            part: the part to change.
+            files: the whole content of the new generation, by file name.
+            keep_previous: keep the generation in force as ``previous`` (for
+                rollback); False removes every older generation, as a factory
+                reset must, so that no old key or password stays behind.
 
         Raises:
             ValueError: a file name is not a plain lowercase name.
@@ -270,17 +280,66 @@ class StateStore:
             _write_private_file(gen_dir / name, data)
         _fsync_dir(gen_dir)
 
-        old = self.current(part)
-        if old is not None:
+        try:
+            old = self.current(part)
+        except StateError:
+            old = None
+        if old is not None and keep_previous:
             self._point(part_dir, "previous", old.path.name)
         self._point(part_dir, "current", gen_dir.name)
+        if not keep_previous:
+            with contextlib.suppress(FileNotFoundError):
+                (part_dir / "previous").unlink()
         self._collect_garbage(part)
         logger.debug("committed %s generation %d", part.value, number)
         return Generation(part, number, gen_dir)
 
     def wipe(self, part: Part) -> Generation:
-        """Commit an empty generation of ``part`` (factory reset of the local part)."""
-        return self.commit(part, {})
+        """Empty ``part`` and drop its older generations (factory reset)."""
+        return self.commit(part, {}, keep_previous=False)
+
+    def generations(self, part: Part) -> list[Generation]:
+        """Return every generation directory of ``part``, newest first.
+
+        Some may be half-written by a crash; :meth:`current` names the one in
+        force.
+        """
+        found = []
+        for entry in (self.root / part.value).iterdir():
+            match = _GEN_RE.match(entry.name)
+            if match and entry.is_dir() and not entry.is_symlink():
+                found.append(Generation(part, int(match.group(1)), entry))
+        return sorted(found, key=lambda g: g.number, reverse=True)
+
+    def recover(
+        self, part: Part, accept: Callable[[Generation], bool]
+    ) -> Generation | None:
+        """Repair a missing or broken ``current`` link of ``part``.
+
+        Points it at the newest generation that ``accept`` takes (a complete
+        one). Call with :meth:`lock` held.
+
+        Returns:
+            The generation in force afterwards, or None when none is acceptable.
+        """
+        try:
+            current = self.current(part)
+        except StateError:
+            current = None
+        else:
+            if current is not None:
+                return current
+        for generation in self.generations(part):
+            if accept(generation):
+                self._point(self.root / part.value, "current", generation.path.name)
+                logger.warning(
+                    "the %s part had no valid current generation; restored it to "
+                    "generation %d",
+                    part.value,
+                    generation.number,
+                )
+                return generation
+        return None
 
     @staticmethod
     def _point(part_dir: Path, name: str, target: str) -> None:
@@ -296,7 +355,15 @@ class StateStore:
 
         These are older generations and any left half-written by a crash.
         """
-        keep = {g.path.name for g in (self.current(part), self.previous(part)) if g}
+        keep = set()
+        for name in ("current", "previous"):
+            try:
+                generation = self._link(part, name)
+            except StateError:
+                (self.root / part.value / name).unlink()
+                continue
+            if generation is not None:
+                keep.add(generation.path.name)
         for entry in (self.root / part.value).iterdir():
             stale_tmp = entry.name.startswith(".") and entry.name.endswith(".new")
             if (_GEN_RE.match(entry.name) and entry.name not in keep) or stale_tmp:
