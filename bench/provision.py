@@ -434,6 +434,9 @@ def render(
             f"bench/provision.py --sizes {','.join(map(str, sizes))}`.",
             "",
             machine,
+            "- load average after the run "
+            + " ".join(f"{x:.2f}" for x in os.getloadavg())
+            + ": other work shares the 2 cores, so rates vary from run to run",
             "",
             "One unit at a time through `Issuer.issue` (what `factory issue` does "
             "per CSR, without the process start): CSR check with badkeys, "
