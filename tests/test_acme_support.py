@@ -339,7 +339,7 @@ class FaultProxy:
     async def _serve(self) -> None:
         self._stop = asyncio.Event()
         client_tls = ssl.create_default_context(cafile=str(self.pebble.listener_cert))
-        self._session = ClientSession(connector=TCPConnector(ssl=client_tls))
+        self.session_for = ClientSession(connector=TCPConnector(ssl=client_tls))
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._handle)
         runner = web.AppRunner(app)
@@ -353,12 +353,12 @@ class FaultProxy:
         await site.start()
         self._ready.set()
         await self._stop.wait()
-        await self._session.close()
+        await self.session_for.close()
         await runner.cleanup()
 
     async def _nonce(self) -> str:
         url = f"https://127.0.0.1:{self.pebble.port}/nonce-plz"
-        async with self._session.head(url) as response:
+        async with self.session_for.head(url) as response:
             return response.headers["Replay-Nonce"]
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
@@ -410,7 +410,7 @@ class FaultProxy:
             if k.lower()
             not in ("content-length", "transfer-encoding", "accept-encoding")
         }
-        async with self._session.request(
+        async with self.session_for.request(
             request.method, url, data=body, headers=headers
         ) as upstream:
             data = await upstream.read()

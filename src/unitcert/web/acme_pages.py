@@ -21,7 +21,7 @@ from multidict import MultiDict, MultiDictProxy
 
 from unitcert.errors import UnitcertError
 from unitcert.web import admin
-from unitcert.web.pages import _hidden, _layout, _message
+from unitcert.web.pages import hidden_field, layout, message_html
 
 if TYPE_CHECKING:
     from unitcert.acme.agent import AcmeStatus
@@ -34,7 +34,7 @@ RETRY_INTERVAL = dt.timedelta(minutes=10)
 _NO_FORM: MultiDictProxy[str] = MultiDictProxy(MultiDict())
 
 
-def _date(moment: dt.datetime) -> str:
+def format_date(moment: dt.datetime) -> str:
     return moment.astimezone(dt.UTC).strftime("%d %B %Y, %H:%M UTC")
 
 
@@ -53,9 +53,9 @@ def _status_rows(status: AcmeStatus, now: dt.datetime) -> list[tuple[str, str]]:
     else:
         left = (status.cert.not_after - now).days
         expiry = (
-            f"expired on {_date(status.cert.not_after)}"
+            f"expired on {format_date(status.cert.not_after)}"
             if status.cert.not_after < now
-            else f"valid until {_date(status.cert.not_after)} ({left} days left)"
+            else f"valid until {format_date(status.cert.not_after)} ({left} days left)"
         )
         served = "served now" if status.served else "not served"
         rows.append(
@@ -65,7 +65,7 @@ def _status_rows(status: AcmeStatus, now: dt.datetime) -> list[tuple[str, str]]:
     if outcome is not None:
         result = "succeeded" if outcome.ok else "failed"
         rows.append(
-            ("Last attempt", f"{_date(outcome.at)}: {result}: {outcome.message}")
+            ("Last attempt", f"{format_date(outcome.at)}: {result}: {outcome.message}")
         )
     else:
         rows.append(("Last attempt", "none yet"))
@@ -90,10 +90,12 @@ def acme_page(
     """The ACME page: settings, status, and the "retry now" button."""
     now = now or dt.datetime.now(dt.UTC)
     settings = status.settings
-    parts = ["<h1>Certificate from an ACME CA</h1>\n", _message("notice", notice)]
-    parts.append(_message("error", error))
+    parts = ["<h1>Certificate from an ACME CA</h1>\n", message_html("notice", notice)]
+    parts.append(message_html("error", error))
     if status.note:
-        parts.append(_message("warning", f"{status.note[0].upper()}{status.note[1:]}."))
+        parts.append(
+            message_html("warning", f"{status.note[0].upper()}{status.note[1:]}.")
+        )
     if settings is None:
         parts.append(
             "<p>ACME is not set up on this unit. A unit with a public name or "
@@ -109,7 +111,7 @@ def acme_page(
         if settings.enabled:
             parts.append(
                 '<form method="post" action="/acme/retry">'
-                f"{_hidden(csrf_token)}"
+                f"{hidden_field(csrf_token)}"
                 '<button type="submit">Retry now</button></form>\n'
                 '<p class="hint">Asks the unit to order now. The CA\'s limits still '
                 "apply, and the button works once every "
@@ -118,16 +120,16 @@ def acme_page(
     parts.append(
         '<nav>\n<a href="/">Certificate status</a>\n'
         '<form method="post" action="/logout">'
-        f"{_hidden(csrf_token)}"
+        f"{hidden_field(csrf_token)}"
         '<button type="submit">Log out</button></form>\n</nav>'
     )
-    return _layout("ACME certificate", "".join(parts))
+    return layout("ACME certificate", "".join(parts))
 
 
 class _AcmePages:
     """The handlers, sharing the admin pages' sessions."""
 
-    def __init__(self, pages: admin._AdminPages) -> None:
+    def __init__(self, pages: admin.AdminPages) -> None:
         self.admin = pages
 
     def _status(self) -> AcmeStatus:
@@ -143,11 +145,11 @@ class _AcmePages:
         request_order(self.admin.store, now=now, button=True)
 
     def _gate(self, request: web.Request) -> tuple[web.Response | None, str]:
-        session = self.admin._session(request)
+        session = self.admin.session_for(request)
         if session is None:
-            return admin._see_other("/login"), ""
-        if self.admin._must_change():
-            return admin._see_other("/password"), ""
+            return admin.see_other("/login"), ""
+        if self.admin.owner_must_change():
+            return admin.see_other("/password"), ""
         return None, session.csrf_token
 
     async def _page(
@@ -162,9 +164,9 @@ class _AcmePages:
             current = await asyncio.to_thread(self._status)
         except UnitcertError as exc:
             logger.error("cannot read the ACME status: %s", exc)
-            return admin._error(500)
+            return admin.error_response(500)
         text = acme_page(current, csrf_token, notice=notice, error=error)
-        return admin._html(text, status=status)
+        return admin.html_response(text, status=status)
 
     async def show(self, request: web.Request) -> web.StreamResponse:
         refused, csrf_token = self._gate(request)
@@ -182,11 +184,11 @@ class _AcmePages:
         refused, csrf_token = self._gate(request)
         if refused is not None:
             return refused
-        if admin._cross_origin(request):
-            forged = self.admin._refuse_forgery(request, csrf_token, _NO_FORM)
-            return forged or admin._error(403)
+        if admin.is_cross_origin(request):
+            forged = self.admin.refuse_forgery(request, csrf_token, _NO_FORM)
+            return forged or admin.error_response(403)
         form = await request.post()
-        forged = self.admin._refuse_forgery(request, csrf_token, form)
+        forged = self.admin.refuse_forgery(request, csrf_token, form)
         if forged is not None:
             return forged
 
@@ -209,10 +211,10 @@ class _AcmePages:
         except UnitcertError as exc:
             return await self._page(csrf_token, error=str(exc), status=400)
         logger.info("the admin asked for an ACME order now from %s", request.remote)
-        return admin._see_other("/acme?requested")
+        return admin.see_other("/acme?requested")
 
 
-def add_acme_pages(app: web.Application, pages: admin._AdminPages) -> None:
+def add_acme_pages(app: web.Application, pages: admin.AdminPages) -> None:
     """Add the ACME page to the admin application."""
     handlers = _AcmePages(pages)
     app.router.add_get("/acme", handlers.show)

@@ -75,23 +75,23 @@ _CSRF_TEXT = (
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def _html(text: str, *, status: int = 200) -> web.Response:
+def html_response(text: str, *, status: int = 200) -> web.Response:
     return web.Response(text=text, status=status, content_type="text/html")
 
 
-def _error(
+def error_response(
     status: int, title: str | None = None, message: str | None = None
 ) -> web.Response:
     default_title, default_message = _ERROR_TEXTS.get(
         status, ("Request failed", "The unit could not answer this request.")
     )
-    return _html(
+    return html_response(
         pages.error_page(status, title or default_title, message or default_message),
         status=status,
     )
 
 
-def _see_other(location: str) -> web.Response:
+def see_other(location: str) -> web.Response:
     return web.Response(status=303, headers={"Location": location})
 
 
@@ -105,7 +105,7 @@ def _del_cookie(response: web.StreamResponse, name: str) -> None:
     response.del_cookie(name, secure=True, httponly=True, samesite="Strict", path="/")
 
 
-def _field(form: Mapping[str, object], name: str) -> str:
+def form_field(form: Mapping[str, object], name: str) -> str:
     value = form.get(name)
     return value if isinstance(value, str) else ""
 
@@ -114,7 +114,7 @@ def _client(request: web.Request) -> str:
     return request.remote or "unknown"
 
 
-def _cross_origin(request: web.Request) -> bool:
+def is_cross_origin(request: web.Request) -> bool:
     """Say whether a browser told us the request comes from another origin."""
     site = request.headers.get("Sec-Fetch-Site")
     if site is not None:
@@ -137,7 +137,7 @@ async def _plain_errors(request: web.Request, handler: Handler) -> web.StreamRes
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        response = _error(exc.status)
+        response = error_response(exc.status)
         for name in ("Allow", "Retry-After"):
             if name in exc.headers:
                 response.headers[name] = exc.headers[name]
@@ -146,14 +146,14 @@ async def _plain_errors(request: web.Request, handler: Handler) -> web.StreamRes
         # The type only: a message may quote a form field.
         logger.error("the admin page %s failed (%s)", request.path, type(exc).__name__)
         logger.debug("admin page failure", exc_info=True)
-        return _error(500)
+        return error_response(500)
 
 
 async def _security_headers(_: web.Request, response: web.StreamResponse) -> None:
     response.headers.update(_SECURITY_HEADERS)
 
 
-class _AdminPages:
+class AdminPages:
     """The handlers, with the state they share."""
 
     def __init__(self, store: StateStore, switch: CertificateSwitch) -> None:
@@ -168,7 +168,7 @@ class _AdminPages:
     def _credential(self) -> AdminCredential | None:
         return self.switch.unit.admin
 
-    def _session(self, request: web.Request) -> Session | None:
+    def session_for(self, request: web.Request) -> Session | None:
         return self.sessions.get(
             request.cookies.get(SESSION_COOKIE), credential_tag(self._credential())
         )
@@ -177,32 +177,32 @@ class _AdminPages:
         token = self.sessions.create(credential_tag(self._credential()))
         _set_cookie(response, SESSION_COOKIE, token)
 
-    def _must_change(self) -> bool:
+    def owner_must_change(self) -> bool:
         credential = self._credential()
         return credential is not None and credential.must_change
 
     @staticmethod
-    def _refuse_forgery(
+    def refuse_forgery(
         request: web.Request, expected: str | None, form: Mapping[str, object]
     ) -> web.Response | None:
         """Return a 403 page unless the POST is same-origin with the right token."""
-        if _cross_origin(request):
+        if is_cross_origin(request):
             reason = "it came from another origin"
         elif expected is None:
             reason = "there is no session or login cookie"
-        elif not tokens_match(_field(form, "csrf_token"), expected):
+        elif not tokens_match(form_field(form, "csrf_token"), expected):
             reason = "its form token is missing or wrong"
         else:
             return None
         logger.warning("refused %s %s: %s", request.method, request.path, reason)
-        return _error(403, "Request refused", _CSRF_TEXT)
+        return error_response(403, "Request refused", _CSRF_TEXT)
 
     def _too_many(self, client: str) -> web.Response | None:
         wait = self.limiter.retry_after(client)
         if wait is None:
             return None
         minutes = max(1, round(wait / 60))
-        response = _error(
+        response = error_response(
             429,
             "Too many failed logins",
             f"Too many wrong passwords were tried. Wait {minutes} minute"
@@ -214,14 +214,14 @@ class _AdminPages:
     # --- pages ------------------------------------------------------------
 
     async def status(self, request: web.Request) -> web.StreamResponse:
-        session = self._session(request)
+        session = self.session_for(request)
         if session is None:
             # The start page of a unit is its login form (as `curl /` shows).
             return self._login_page(request)
-        if self._must_change():
-            return _see_other("/password")
+        if self.owner_must_change():
+            return see_other("/password")
         notice = "Your new password is set." if "changed" in request.query else None
-        return _html(
+        return html_response(
             pages.status_page(
                 self.switch.unit,
                 session.csrf_token,
@@ -231,15 +231,15 @@ class _AdminPages:
         )
 
     async def login_form(self, request: web.Request) -> web.StreamResponse:
-        if self._session(request) is not None:
-            return _see_other("/password" if self._must_change() else "/")
+        if self.session_for(request) is not None:
+            return see_other("/password" if self.owner_must_change() else "/")
         return self._login_page(request)
 
     def _login_page(
         self, request: web.Request, *, error: str | None = None
     ) -> web.Response:
         cookie = request.cookies.get(LOGIN_COOKIE) or self.login_forms.new_cookie()
-        response = _html(
+        response = html_response(
             pages.login_page(self.login_forms.token_for(cookie), error=error)
         )
         _set_cookie(response, LOGIN_COOKIE, cookie)
@@ -249,7 +249,7 @@ class _AdminPages:
         form = await request.post()
         cookie = request.cookies.get(LOGIN_COOKIE)
         expected = self.login_forms.token_for(cookie) if cookie else None
-        refused = self._refuse_forgery(request, expected, form)
+        refused = self.refuse_forgery(request, expected, form)
         if refused is not None:
             return refused
         client = _client(request)
@@ -266,7 +266,7 @@ class _AdminPages:
                 error="This unit has no admin credential yet: restart the unit to "
                 "make a setup credential, then log in with it.",
             )
-        password = _field(form, "password")
+        password = form_field(form, "password")
         if not await asyncio.to_thread(credential.check, password):
             self.limiter.record_failure(client)
             logger.warning(
@@ -279,51 +279,53 @@ class _AdminPages:
         self.limiter.record_success(client)
         self.sessions.delete(request.cookies.get(SESSION_COOKIE))
         logger.info("admin logged in from %s", client)
-        response = _see_other("/password" if credential.must_change else "/")
+        response = see_other("/password" if credential.must_change else "/")
         self._start_session(response)
         _del_cookie(response, LOGIN_COOKIE)
         return response
 
     async def password_form(self, request: web.Request) -> web.StreamResponse:
-        session = self._session(request)
+        session = self.session_for(request)
         if session is None:
-            return _see_other("/login")
-        return _html(
-            pages.password_page(session.csrf_token, must_change=self._must_change())
+            return see_other("/login")
+        return html_response(
+            pages.password_page(
+                session.csrf_token, must_change=self.owner_must_change()
+            )
         )
 
     async def change_password(self, request: web.Request) -> web.StreamResponse:
         form = await request.post()
-        session = self._session(request)
-        refused = self._refuse_forgery(
+        session = self.session_for(request)
+        refused = self.refuse_forgery(
             request, session.csrf_token if session else None, form
         )
         if refused is not None or session is None:
-            return refused or _error(403)
+            return refused or error_response(403)
         client = _client(request)
         blocked = self._too_many(client)
         if blocked is not None:
             return blocked
 
-        must_change = self._must_change()
+        must_change = self.owner_must_change()
 
         def again(error: str) -> web.Response:
             page = pages.password_page(
                 session.csrf_token, must_change=must_change, error=error
             )
-            return _html(page, status=400)
+            return html_response(page, status=400)
 
         credential = self._credential()
         if credential is None:
             return again("This unit has no admin credential: restart the unit.")
-        if not await asyncio.to_thread(credential.check, _field(form, "current")):
+        if not await asyncio.to_thread(credential.check, form_field(form, "current")):
             self.limiter.record_failure(client)
             logger.warning(
                 "wrong current password in a password change from %s", client
             )
             what = "setup credential" if must_change else "current password"
             return again(f"The {what} is not right: type it again.")
-        new, confirm = _field(form, "new"), _field(form, "confirm")
+        new, confirm = form_field(form, "new"), form_field(form, "confirm")
         if new != confirm:
             return again(
                 "The two new passwords differ: type the same new password twice."
@@ -343,21 +345,21 @@ class _AdminPages:
         await asyncio.to_thread(self.switch.reload)
         self.sessions.clear()
         logger.info("admin password changed from %s; other sessions ended", client)
-        response = _see_other("/?changed")
+        response = see_other("/?changed")
         self._start_session(response)
         return response
 
     async def logout(self, request: web.Request) -> web.StreamResponse:
         form = await request.post()
-        session = self._session(request)
-        refused = self._refuse_forgery(
+        session = self.session_for(request)
+        refused = self.refuse_forgery(
             request, session.csrf_token if session else None, form
         )
         if refused is not None:
             return refused
         self.sessions.delete(request.cookies.get(SESSION_COOKIE))
         logger.info("admin logged out from %s", _client(request))
-        response = _see_other("/login")
+        response = see_other("/login")
         _del_cookie(response, SESSION_COOKIE)
         return response
 
@@ -372,7 +374,7 @@ def admin_app(store: StateStore, switch: CertificateSwitch) -> web.Application:
         store: the unit's state, where a new password is saved.
         switch: the certificate in force; its unit holds the admin credential.
     """
-    handlers = _AdminPages(store, switch)
+    handlers = AdminPages(store, switch)
     app = web.Application(middlewares=[_plain_errors], client_max_size=FORM_MAX_SIZE)
     app.on_response_prepare.append(_security_headers)
     app.router.add_get("/", handlers.status)

@@ -46,7 +46,13 @@ from unitcert.errors import InputError, UnitcertError
 from unitcert.spki import MAX_INPUT_BYTES
 from unitcert.store import Part
 from unitcert.web import admin
-from unitcert.web.pages import _code_html, _date, _hidden, _layout, _message
+from unitcert.web.pages import (
+    code_html,
+    format_date,
+    hidden_field,
+    layout,
+    message_html,
+)
 
 __all__ = [
     "PREVIEW_LIFETIME",
@@ -111,7 +117,8 @@ def _served_html(unit: device.Unit) -> str:
         _row(
             "Valid",
             escape(
-                f"from {_date(unit.info.not_before)} until {_date(unit.info.not_after)}"
+                f"from {format_date(unit.info.not_before)} "
+                f"until {format_date(unit.info.not_after)}"
             ),
         ),
     ]
@@ -125,7 +132,7 @@ def _served_html(unit: device.Unit) -> str:
     return (
         "<h2>What the unit serves now</h2>\n"
         "<p>Browsers that connect now see this fingerprint code:</p>\n"
-        f"{_code_html(str(unit.info.code))}\n"
+        f"{code_html(str(unit.info.code))}\n"
         f"{sticker}"
         f"<table>\n{''.join(rows)}\n</table>\n"
     )
@@ -138,7 +145,7 @@ def _upload_form(csrf_token: str) -> str:
         "The unit shows what it found before anything is installed.</p>\n"
         '<form method="post" action="/certificate/preview" '
         'enctype="multipart/form-data">\n'
-        f"{_hidden(csrf_token)}\n"
+        f"{hidden_field(csrf_token)}\n"
         '<label for="bundle">Certificate file</label>\n'
         '<input type="file" id="bundle" name="bundle" multiple required>\n'
         '<p class="hint">PEM (.pem, .crt, .cer), DER, PKCS#7 (.p7b) or PKCS#12 '
@@ -172,7 +179,7 @@ def _choices_html(
             continue
         buttons.append(
             '<li><form method="post" action="/certificate/use">'
-            f"{_hidden(csrf_token)}"
+            f"{hidden_field(csrf_token)}"
             f'<input type="hidden" name="source" value="{escape(source)}">'
             f'<button type="submit">Serve {escape(label.lower())}</button>'
             "</form></li>"
@@ -181,7 +188,7 @@ def _choices_html(
     if can_revert:
         revert = (
             '<form method="post" action="/certificate/revert">'
-            f"{_hidden(csrf_token)}"
+            f"{hidden_field(csrf_token)}"
             '<button type="submit">Go back to the previous certificate</button>'
             "</form>\n"
         )
@@ -215,9 +222,9 @@ def certificate_page(
     )
     body = (
         "<h1>Your own certificate</h1>\n"
-        f"{_message('error', refused)}"
-        f"{_message('notice', notice)}"
-        f"{''.join(_message('warning', w) for w in warnings)}"
+        f"{message_html('error', refused)}"
+        f"{message_html('notice', notice)}"
+        f"{''.join(message_html('warning', w) for w in warnings)}"
         "<p>The unit always has its own certificate, whose code is on its sticker. "
         "You may also install one from your own certificate authority, or one you "
         "bought. This is optional, and you can go back at any time.</p>\n"
@@ -227,7 +234,7 @@ def certificate_page(
         f"{_choices_html(unit, csrf_token, available, can_revert)}"
         f"{_nav(csrf_token)}"
     )
-    return _layout("Your own certificate", body)
+    return layout("Your own certificate", body)
 
 
 def _nav(csrf_token: str) -> str:
@@ -235,7 +242,7 @@ def _nav(csrf_token: str) -> str:
         "<nav>\n"
         '<a href="/">Certificate status</a>\n'
         '<form method="post" action="/logout">'
-        f"{_hidden(csrf_token)}"
+        f"{hidden_field(csrf_token)}"
         '<button type="submit">Log out</button></form>\n'
         "</nav>"
     )
@@ -255,7 +262,10 @@ def preview_page(candidate: Candidate, csrf_token: str, preview_token: str) -> s
         _row("Issuer chain", chain),
         _row(
             "Valid",
-            escape(f"from {_date(info.not_before)} until {_date(info.not_after)}"),
+            escape(
+                f"from {format_date(info.not_before)} until "
+                f"{format_date(info.not_after)}"
+            ),
         ),
         _row("Key type", escape(info.key_type)),
         _row("Private key", escape(_KEY_FROM[candidate.key_origin])),
@@ -273,12 +283,12 @@ def preview_page(candidate: Candidate, csrf_token: str, preview_token: str) -> s
     body = (
         "<h1>Check before installing</h1>\n"
         "<p>This is what the unit found in your files. Nothing is installed yet.</p>\n"
-        f"{''.join(_message('warning', w) for w in warnings)}"
+        f"{''.join(message_html('warning', w) for w in warnings)}"
         "<p>After installing, browsers will see this fingerprint code:</p>\n"
-        f"{_code_html(str(info.code))}\n"
+        f"{code_html(str(info.code))}\n"
         f"<table>\n{''.join(rows)}\n</table>\n"
         '<form method="post" action="/certificate/install">\n'
-        f"{_hidden(csrf_token)}\n"
+        f"{hidden_field(csrf_token)}\n"
         f'<input type="hidden" name="preview" value="{escape(preview_token)}">\n'
         f"{force}"
         '<button type="submit">Install this certificate</button>\n'
@@ -286,13 +296,13 @@ def preview_page(candidate: Candidate, csrf_token: str, preview_token: str) -> s
         '<p><a href="/certificate">Cancel: keep the current certificate</a></p>\n'
         f"{_nav(csrf_token)}"
     )
-    return _layout("Check before installing", body)
+    return layout("Check before installing", body)
 
 
 class _CertificatePages:
     """The handlers, sharing the admin pages' sessions and certificate switch."""
 
-    def __init__(self, pages: admin._AdminPages) -> None:
+    def __init__(self, pages: admin.AdminPages) -> None:
         self.admin = pages
         self.previews: dict[str, _Preview] = {}
 
@@ -329,15 +339,15 @@ class _CertificatePages:
             error=error,
             notice=notice,
         )
-        return admin._html(text, status=status)
+        return admin.html_response(text, status=status)
 
     def _gate(self, request: web.Request) -> tuple[web.Response | None, str]:
         """Return a redirect unless the request has a session past the first login."""
-        session = self.admin._session(request)
+        session = self.admin.session_for(request)
         if session is None:
-            return admin._see_other("/login"), ""
-        if self.admin._must_change():
-            return admin._see_other("/password"), ""
+            return admin.see_other("/login"), ""
+        if self.admin.owner_must_change():
+            return admin.see_other("/password"), ""
         return None, session.csrf_token
 
     async def _checked_form(
@@ -347,9 +357,9 @@ class _CertificatePages:
         refused, csrf_token = self._gate(request)
         if refused is not None:
             return refused, _NO_FORM, ""
-        if admin._cross_origin(request):
+        if admin.is_cross_origin(request):
             return (
-                self.admin._refuse_forgery(request, csrf_token, _NO_FORM),
+                self.admin.refuse_forgery(request, csrf_token, _NO_FORM),
                 _NO_FORM,
                 "",
             )
@@ -360,14 +370,14 @@ class _CertificatePages:
             # A malformed body (a control character in a part header, a part
             # without a name) is the client's fault, not a failure of the page.
             logger.warning("could not read a form sent to %s: %s", request.path, exc)
-            unreadable = admin._error(
+            unreadable = admin.error_response(
                 400,
                 "Upload not readable",
                 "The unit could not read what the browser sent: choose the files "
                 "again and send the form once more.",
             )
             return unreadable, _NO_FORM, ""
-        forged = self.admin._refuse_forgery(request, csrf_token, form)
+        forged = self.admin.refuse_forgery(request, csrf_token, form)
         if forged is not None:
             return forged, _NO_FORM, ""
         return None, form, csrf_token
@@ -415,13 +425,13 @@ class _CertificatePages:
         self.previews[token] = _Preview(
             candidate, csrf_token, time.monotonic() + PREVIEW_LIFETIME
         )
-        return admin._html(preview_page(candidate, csrf_token, token))
+        return admin.html_response(preview_page(candidate, csrf_token, token))
 
     async def install(self, request: web.Request) -> web.StreamResponse:
         refused, form, csrf_token = await self._checked_form(request)
         if refused is not None:
             return refused
-        token = admin._field(form, "preview")
+        token = admin.form_field(form, "preview")
         preview = self.previews.get(token)
         if (
             preview is None
@@ -439,14 +449,14 @@ class _CertificatePages:
                 install_custom,
                 self.admin.store,
                 preview.candidate,
-                force=admin._field(form, "force") == "1",
+                force=admin.form_field(form, "force") == "1",
             )
         except UnitcertError as exc:
             return self._page(csrf_token, error=str(exc), status=400)
         del self.previews[token]
         await asyncio.to_thread(self.admin.switch.reload)
         logger.info("the owner installed a custom certificate from the admin page")
-        return admin._see_other("/certificate?installed")
+        return admin.see_other("/certificate?installed")
 
     async def use(self, request: web.Request) -> web.StreamResponse:
         refused, form, csrf_token = await self._checked_form(request)
@@ -454,12 +464,12 @@ class _CertificatePages:
             return refused
         try:
             await asyncio.to_thread(
-                use_source, self.admin.store, admin._field(form, "source")
+                use_source, self.admin.store, admin.form_field(form, "source")
             )
         except UnitcertError as exc:
             return self._page(csrf_token, error=str(exc), status=400)
         await asyncio.to_thread(self.admin.switch.reload)
-        return admin._see_other("/certificate?changed")
+        return admin.see_other("/certificate?changed")
 
     async def revert(self, request: web.Request) -> web.StreamResponse:
         refused, _, csrf_token = await self._checked_form(request)
@@ -470,7 +480,7 @@ class _CertificatePages:
         except UnitcertError as exc:
             return self._page(csrf_token, error=str(exc), status=400)
         await asyncio.to_thread(self.admin.switch.reload)
-        return admin._see_other("/certificate?changed")
+        return admin.see_other("/certificate?changed")
 
 
 def _file_name(uploaded: str) -> str:
@@ -500,7 +510,7 @@ def _uploaded_files(form: _Form) -> tuple[list[InputFile], list[InputFile]]:
     return files, roots
 
 
-def add_certificate_pages(app: web.Application, pages: admin._AdminPages) -> None:
+def add_certificate_pages(app: web.Application, pages: admin.AdminPages) -> None:
     """Add the owner's certificate pages to the admin application."""
     handlers = _CertificatePages(pages)
     app.router.add_get("/certificate", handlers.show)

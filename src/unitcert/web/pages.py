@@ -52,7 +52,7 @@ nav form button { margin-top: 0; }
 """
 
 
-def _layout(title: str, body: str) -> str:
+def layout(title: str, body: str) -> str:
     return (
         "<!doctype html>\n"
         '<html lang="en">\n<head>\n<meta charset="utf-8">\n'
@@ -63,28 +63,28 @@ def _layout(title: str, body: str) -> str:
     )
 
 
-def _message(kind: str, text: str | None) -> str:
+def message_html(kind: str, text: str | None) -> str:
     if not text:
         return ""
     return f'<p class="{kind}" role="alert">{escape(text)}</p>\n'
 
 
-def _hidden(csrf_token: str) -> str:
+def hidden_field(csrf_token: str) -> str:
     return f'<input type="hidden" name="csrf_token" value="{escape(csrf_token)}">'
 
 
-def _code_html(code: str) -> str:
+def code_html(code: str) -> str:
     groups = "".join(f"<span>{escape(group)}</span>" for group in code.split("-"))
     return f'<p class="code" aria-label="fingerprint code {escape(code)}">{groups}</p>'
 
 
-def _date(moment: dt.datetime) -> str:
+def format_date(moment: dt.datetime) -> str:
     return moment.astimezone(dt.UTC).strftime("%d %B %Y, %H:%M UTC")
 
 
 def _validity(unit: Unit, now: dt.datetime) -> str:
     info = unit.info
-    text = f"from {_date(info.not_before)} until {_date(info.not_after)}"
+    text = f"from {format_date(info.not_before)} until {format_date(info.not_after)}"
     if info.expired(now):
         return f"{text} (not valid now: check the unit's clock)"
     days = (info.not_after - now).days
@@ -104,9 +104,9 @@ def login_page(csrf_token: str, *, error: str | None = None) -> str:
     """The login form."""
     body = (
         "<h1>Log in to this unit</h1>\n"
-        f"{_message('error', error)}"
+        f"{message_html('error', error)}"
         '<form method="post" action="/login">\n'
-        f"{_hidden(csrf_token)}\n"
+        f"{hidden_field(csrf_token)}\n"
         '<label for="password">Password</label>\n'
         '<input type="password" id="password" name="password" required '
         'autocomplete="current-password" autofocus>\n'
@@ -116,7 +116,7 @@ def login_page(csrf_token: str, *, error: str | None = None) -> str:
         '<button type="submit">Log in</button>\n'
         "</form>"
     )
-    return _layout("Log in", body)
+    return layout("Log in", body)
 
 
 def password_page(
@@ -137,9 +137,9 @@ def password_page(
     body = (
         f"<h1>{heading}</h1>\n"
         f"{intro}"
-        f"{_message('error', error)}"
+        f"{message_html('error', error)}"
         '<form method="post" action="/password">\n'
-        f"{_hidden(csrf_token)}\n"
+        f"{hidden_field(csrf_token)}\n"
         f'<label for="current">{current_label}</label>\n'
         '<input type="password" id="current" name="current" required '
         'autocomplete="current-password">\n'
@@ -155,7 +155,7 @@ def password_page(
         "</form>\n"
         f"{_nav(csrf_token, status_link=not must_change)}"
     )
-    return _layout(heading, body)
+    return layout(heading, body)
 
 
 def _nav(
@@ -170,7 +170,7 @@ def _nav(
         links.append('<a href="/acme">ACME certificate</a>')
     links.append(
         '<form method="post" action="/logout">'
-        f"{_hidden(csrf_token)}"
+        f"{hidden_field(csrf_token)}"
         '<button type="submit">Log out</button></form>'
     )
     return "<nav>\n" + "\n".join(links) + "\n</nav>"
@@ -222,16 +222,16 @@ def status_page(
     table = "\n".join(_row(name, value, hint) for name, value, hint in rows)
     body = (
         "<h1>This unit's fingerprint code</h1>\n"
-        f"{_message('notice', notice)}"
-        f"{''.join(_message('warning', w) for w in warnings)}"
-        f"{_code_html(str(info.code))}\n"
+        f"{message_html('notice', notice)}"
+        f"{''.join(message_html('warning', w) for w in warnings)}"
+        f"{code_html(str(info.code))}\n"
         "<p>Compare it with the code on your sticker. If every symbol is the same, "
         "this page came from your unit and its own key. If it differs, you are not "
         "talking to your unit: do not log in here again.</p>\n"
         f"<table>\n{table}\n</table>\n"
         f"{_nav(csrf_token, status_link=False, password_link=True)}"
     )
-    return _layout("Unit status", body)
+    return layout("Unit status", body)
 
 
 def error_page(status: int, title: str, message: str) -> str:
@@ -242,4 +242,4 @@ def error_page(status: int, title: str, message: str) -> str:
         f'<p class="hint">HTTP status {status}. '
         '<a href="/">Go to the start page</a>.</p>'
     )
-    return _layout(title, body)
+    return layout(title, body)
