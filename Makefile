@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 STATE ?= ./demo-state
+HTTPS_PORT ?= 8443
+HTTP_PORT ?= 8080
 
 .PHONY: run test lint system-deps clean
 
@@ -15,9 +17,11 @@ $(STAMP): pyproject.toml
 system-deps:
 	scripts/system-deps
 
-# One unit on embedded defaults: HTTPS on 127.0.0.1:8443, HTTP redirect on 8080.
+# One unit on embedded defaults: HTTPS on 127.0.0.1:8443, HTTP redirect on 8080
+# (other ports: make run HTTPS_PORT=9443 HTTP_PORT=9080).
 run: $(STAMP)
-	$(VENV)/bin/unitcert device serve --state $(STATE)
+	$(VENV)/bin/unitcert device serve --state $(STATE) \
+		--https-port $(HTTPS_PORT) --http-port $(HTTP_PORT)
 
 test: $(STAMP) system-deps
 	$(VENV)/bin/python -m pytest -W error tests
