@@ -32,6 +32,7 @@ import json
 import math
 import os
 import random
+import resource
 import subprocess
 import sys
 import threading
@@ -156,22 +157,33 @@ class _PeakMemory:
         self._thread.join()
 
 
+def _cpu_seconds() -> float:
+    """CPU time of this process and its finished children (the workers)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def run_one(count: int, jobs: int, spill: bool, seed: int) -> dict[str, object]:
     """Generate, run and check one size; return its figures."""
     started = time.perf_counter()
     moduli, planted = make_moduli(count, seed)
     generated = time.perf_counter() - started
 
+    cpu_before = _cpu_seconds()
     with _PeakMemory() as memory:
         started = time.perf_counter()
         gcds = batch_gcd(moduli, jobs=jobs, spill=spill)
         seconds = time.perf_counter() - started
+    cpu = _cpu_seconds() - cpu_before
     found = {f.factor: set(f.indices) for f in split_shared(moduli, gcds)}
     return {
         "moduli": count,
         "jobs": jobs,
         "spill": spill,
         "seconds": round(seconds, 2),
+        "cpu_seconds": round(cpu, 1),
+        "load_average": os.getloadavg()[0],
         "peak_bytes": memory.peak,
         "generate_seconds": round(generated, 1),
         "correct": found == planted,
@@ -224,6 +236,7 @@ def main() -> None:
         print(
             f"{row['moduli']:>9,} moduli  jobs={row['jobs']}  "
             f"spill={row['spill']!s:5}  {row['seconds']:>8.1f} s  "
+            f"(cpu {row['cpu_seconds']:.0f} s, load {row['load_average']:.1f})  "
             f"peak {row['peak_bytes'] / 2**30:5.2f} GiB  "
             f"correct={row['correct']}  (bits {row['bits'][0]}-{row['bits'][1]}, "
             f"generated in {row['generate_seconds']} s)",

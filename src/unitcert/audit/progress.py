@@ -31,9 +31,8 @@ class _RateColumn(ProgressColumn):
     def render(self, task: Task) -> Text:
         speed = task.finished_speed or task.speed
         unit = task.fields.get("unit", "items")
-        if speed is None:
-            return Text(f"-- {unit}/s", style="progress.data.speed")
-        return Text(f"{speed:,.0f} {unit}/s", style="progress.data.speed")
+        shown = "--" if speed is None else f"{speed:,.0f}"
+        return Text(f"{shown} {unit}/s", style="progress.data.speed", no_wrap=True)
 
 
 class AuditProgress:
@@ -52,7 +51,7 @@ class AuditProgress:
             enabled = sys.stderr.isatty()
         self.enabled = enabled
         self._progress = Progress(
-            TextColumn("{task.description:<22}"),
+            TextColumn("{task.description:<18}"),
             BarColumn(),
             MofNCompleteColumn(),
             _RateColumn(),

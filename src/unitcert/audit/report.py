@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import html
 import json
+import os
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,8 +30,25 @@ _UNITS_SHOWN = 5
 _HTML_UNITS_SHOWN = 50
 
 
-def _units_text(units: Sequence[AffectedUnit], shown: int = _UNITS_SHOWN) -> str:
-    names = [u.name for u in units[:shown]]
+def _common_folder(report: AuditReport) -> str | None:
+    """The folder that every file unit of the findings is under, if any."""
+    paths = {u.name for f in report.findings for u in f.units if u.source == "file"}
+    paths = {p for p in paths if os.path.isabs(p)}
+    if not paths:
+        return None
+    folder = os.path.commonpath(list(paths))
+    return folder if folder != os.sep else None
+
+
+def _units_text(
+    units: Sequence[AffectedUnit], folder: str | None, shown: int = _UNITS_SHOWN
+) -> str:
+    names = [
+        os.path.relpath(u.name, folder)
+        if folder and u.source == "file" and u.name.startswith(folder + os.sep)
+        else u.name
+        for u in units[:shown]
+    ]
     more = len(units) - shown
     return ", ".join(names) + (f" and {more} more" if more > 0 else "")
 
@@ -52,17 +70,19 @@ def print_summary(report: AuditReport, console: Console | None = None) -> None:
         console.print("[bold green]No findings: no shared, weak or known keys.[/]")
         return
 
-    table = Table(title="Findings", show_lines=False)
+    folder = _common_folder(report)
+    title = "Findings" + (f" (files under {folder})" if folder else "")
+    table = Table(title=title, show_lines=False)
     table.add_column("Kind")
     table.add_column("Findings", justify="right")
     table.add_column("Units", justify="right")
-    table.add_column("Examples")
+    table.add_column("Examples", overflow="fold")
     by_kind: dict[str, list[Finding]] = {}
     for finding in report.findings:
         by_kind.setdefault(finding.kind, []).append(finding)
     for kind, findings in by_kind.items():
         units = sorted({u.name for f in findings for u in f.units})
-        examples = "; ".join(_units_text(f.units, 3) for f in findings[:2])
+        examples = "\n".join(_units_text(f.units, folder, 3) for f in findings[:2])
         table.add_row(
             KINDS.get(kind, kind), f"{len(findings):,}", f"{len(units):,}", examples
         )
@@ -154,7 +174,7 @@ h1{font-size:1.6rem;margin-bottom:.2rem}h2{font-size:1.2rem;margin-top:2rem}
 .tiles{display:flex;gap:1rem;flex-wrap:wrap}
 .tile{background:#f3f5f9;border-radius:.5rem;padding:.8rem 1rem;min-width:9rem}
 .tile b{display:block;font-size:1.5rem}
-.charts{display:grid;grid-template-columns:repeat(auto-fit,minmax(21rem,1fr));gap:1.5rem}
+.charts{display:grid;grid-template-columns:repeat(auto-fit,minmax(30rem,1fr));gap:1.5rem}
 figure{margin:0}figcaption{font-weight:600;margin-bottom:.4rem}
 table{border-collapse:collapse;width:100%;font-size:.9rem}
 th,td{text-align:left;padding:.35rem .5rem;border-bottom:1px solid #e1e5ec;
@@ -171,17 +191,17 @@ def _bar_chart(
     """An SVG of horizontal bars: (label, value, optional total behind it)."""
     if not rows:
         return '<p class="meta">Nothing to show.</p>'
-    width, bar_left, row_height = 520, 170, 26
+    width, bar_left, row_height = 560, 230, 26
     peak = max(max(v, t or 0) for _, v, t in rows) or 1
-    scale = (width - bar_left - 70) / peak
+    scale = (width - bar_left - 110) / peak
+    height = row_height * len(rows) + 8
     parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" '
-        f'height="{row_height * len(rows) + 8}" role="img" '
-        f'font-family="system-ui,sans-serif" font-size="12">'
+        f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" '
+        f'width="100%" role="img" font-family="system-ui,sans-serif" font-size="13">'
     ]
     for index, (label, value, total) in enumerate(rows):
         y = 4 + index * row_height
-        short = label if len(label) <= 26 else label[:25] + "…"
+        short = label if len(label) <= 32 else label[:31] + "…"
         parts.append(
             f'<text x="{bar_left - 6}" y="{y + 15}" text-anchor="end">'
             f"<title>{html.escape(label)}</title>{html.escape(short)}</text>"
@@ -195,7 +215,9 @@ def _bar_chart(
             f'<rect x="{bar_left}" y="{y + 3}" width="{value * scale:.1f}" height="16" '
             f'fill="{colour}"/>'
         )
+        share = f" ({100 * value / total:.0f}%)" if total else ""
         text = f"{value:,}" if total is None else f"{value:,} of {total:,}{total_label}"
+        text += share
         end = max(value, total or 0) * scale
         parts.append(
             f'<text x="{bar_left + end + 6:.1f}" y="{y + 15}">'
