@@ -229,6 +229,19 @@ def test_queued_moduli_are_checked_as_a_batch(
     assert issuer.check_prime_queue() == ()
 
 
+def test_a_batch_checks_the_queue_that_single_issues_left(
+    issuer: Issuer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(factory_issue, "DIRECT_CHECK_MAX_BITS", -1)
+    issuer.issue(csr_pem(pool_rsa_key(35, 36), "t1"), "t1")
+    issuer.issue(csr_pem(pool_rsa_key(36, 37), "t2"), "t2")
+
+    outcome = issuer.issue_batch([("t3", csr_pem(ec_key(), "t3"))])
+
+    assert [u.serial for u in outcome.issued] == ["t3"]
+    assert outcome.flagged == ("t1", "t2")
+
+
 _WORKER = """
 import json, os, sys, time
 from pathlib import Path

@@ -366,7 +366,13 @@ def provision_batch_command(
     )
     for serial, reason in result.refused:
         click.echo(f"Refused {serial}: {reason}", err=True)
-    if result.refused:
+    for serial in result.flagged:
+        click.echo(
+            f"Unit {serial}, issued earlier, has an RSA key that shares a prime "
+            "with another unit's: revoke and re-key it",
+            err=True,
+        )
+    if result.refused or result.flagged:
         raise click.exceptions.Exit(1)
 
 

@@ -137,10 +137,13 @@ class BatchOutcome:
     Attributes:
         issued: the units issued, in request order.
         refused: ``(serial, reason)`` for each request that was refused.
+        flagged: units issued earlier whose queued moduli were found, after
+            this batch, to share a prime (now marked ``shared``).
     """
 
     issued: tuple[IssuedUnit, ...]
     refused: tuple[tuple[str, str], ...]
+    flagged: tuple[str, ...] = ()
 
 
 def _load_csr(data: bytes) -> x509.CertificateSigningRequest:
@@ -673,7 +676,9 @@ class Issuer:
             if on_progress is not None:
                 on_progress(len(part))
         logger.info("issued %d units in a batch, refused %d", len(issued), len(refused))
-        return BatchOutcome(tuple(issued), tuple(refused))
+        # Moduli that single issues queued are checked here too (DESIGN.md).
+        flagged = self.check_prime_queue()
+        return BatchOutcome(tuple(issued), tuple(refused), flagged)
 
     def _register_one_by_one(
         self,

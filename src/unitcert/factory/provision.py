@@ -63,10 +63,13 @@ class BatchResult:
         provisioned: the units provisioned.
         refused: ``(serial, reason)`` of units the CA refused; their states
             keep a self-signed identity.
+        flagged: units issued earlier whose queued RSA moduli turned out to
+            share a prime (see :meth:`Issuer.check_prime_queue`).
     """
 
     provisioned: tuple[ProvisionedUnit, ...]
     refused: tuple[tuple[str, str], ...]
+    flagged: tuple[str, ...] = ()
 
 
 def _check_label_path(path: Path | None) -> None:
@@ -278,4 +281,4 @@ def provision_batch(
                 [i.chain_pem for i in outcome.issued],
             )
         )
-    return BatchResult(tuple(provisioned), outcome.refused)
+    return BatchResult(tuple(provisioned), outcome.refused, outcome.flagged)
