@@ -90,13 +90,23 @@ class AdminCredential:
     def with_password(self, password: str) -> AdminCredential:
         """Return the credential with ``password`` as the owner's password.
 
+        The length is counted without surrounding whitespace, which people
+        type by accident and which guards nothing.
+
         Raises:
-            InputError: the password is too short or is the setup credential.
+            InputError: the password is too short, repeats one character, or is
+                the setup credential.
         """
-        if len(password) < MIN_PASSWORD_LENGTH:
+        counted = password.strip()
+        if len(counted) < MIN_PASSWORD_LENGTH:
             raise InputError(
                 f"the new password is too short: use at least {MIN_PASSWORD_LENGTH} "
-                "characters"
+                "characters, not counting spaces at either end"
+            )
+        if len(set(counted)) == 1:
+            raise InputError(
+                "the new password repeats a single character: choose one that is "
+                "harder to guess"
             )
         if self.setup is not None and _normalise_setup(password) == _normalise_setup(
             self.setup
