@@ -96,7 +96,7 @@ async def _serve(
         tasks.append(asyncio.create_task(_acme(store, plain_app[ACME_RESPONSES])))
         logger.info(
             "admin pages at https://%s:%d/, plain HTTP on port %d redirects there",
-            bind,
+            f"[{bind}]" if ":" in bind else bind,
             https_port,
             http_port,
         )
