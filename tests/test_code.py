@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from unitcert import certs
 from unitcert.code import (
@@ -22,7 +22,7 @@ from unitcert.code import (
     spki_pin,
 )
 from unitcert.errors import CodeFormatError, InputError
-from unitcert.spki import load_spki
+from unitcert.spki import load_spki, load_spki_source
 
 RFC_KEYS = Path(__file__).parent / "data" / "rfc-example-keys"
 
@@ -180,3 +180,106 @@ def test_load_spki_accepts_der_certificate(tmp_path: Path) -> None:
     assert isinstance(
         x509.load_der_x509_certificate(der_path.read_bytes()), x509.Certificate
     )
+
+
+def _private_der(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> list[bytes]:
+    """The key in DER as PKCS#8, traditional (SEC 1 or PKCS#1) and encrypted PKCS#8."""
+    der = serialization.Encoding.DER
+    plain = [
+        key.private_bytes(der, private_format, serialization.NoEncryption())
+        for private_format in (
+            serialization.PrivateFormat.PKCS8,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+        )
+    ]
+    encrypted = key.private_bytes(
+        der,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"a passphrase"),
+    )
+    return [*plain, encrypted]
+
+
+def test_load_spki_refuses_der_private_keys(tmp_path: Path) -> None:
+    keys_der = _private_der(ec.generate_private_key(ec.SECP256R1()))
+    keys_der += _private_der(rsa.generate_private_key(65537, 2048))
+
+    for index, der in enumerate(keys_der):
+        path = tmp_path / f"key{index}.der"
+        path.write_bytes(der)
+        with pytest.raises(InputError, match="holds a private key"):
+            load_spki(path)
+
+
+def test_load_spki_refuses_a_private_key_anywhere_in_a_pem_file(tmp_path: Path) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = certs.build_self_signed(key, ["a.example"])
+    combined = tmp_path / "server.pem"
+    combined.write_bytes(
+        cert.public_bytes(serialization.Encoding.PEM)
+        + key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
+        )
+    )
+
+    with pytest.raises(InputError, match="holds a private key"):
+        load_spki(combined)
+
+
+@pytest.mark.parametrize(
+    ("kind", "junk"), [("certificate", b"junk"), ("certificate", b"\n"), ("csr", b"x")]
+)
+def test_load_spki_refuses_extra_data_after_a_der_object(
+    tmp_path: Path, kind: str, junk: bytes
+) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    if kind == "certificate":
+        der = certs.build_self_signed(key, ["a.example"]).public_bytes(
+            serialization.Encoding.DER
+        )
+        words = "extra data after the certificate"
+    else:
+        der = certs.build_csr(key, ["a.example"]).public_bytes(
+            serialization.Encoding.DER
+        )
+        words = "extra data after the certificate request"
+    path = tmp_path / "object.der"
+    path.write_bytes(der + junk)
+
+    with pytest.raises(InputError, match=words):
+        load_spki(path)
+
+
+def test_load_spki_refuses_invalid_base64_inside_pem_armor(tmp_path: Path) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    pem = certs.build_self_signed(key, ["a.example"]).public_bytes(
+        serialization.Encoding.PEM
+    )
+    lines = pem.splitlines(keepends=True)
+    lines[3] = lines[3][:10] + b"*!" + lines[3][12:]
+    path = tmp_path / "broken.pem"
+    path.write_bytes(b"".join(lines))
+
+    with pytest.raises(InputError, match="not valid base64"):
+        load_spki(path)
+
+
+def test_load_spki_source_counts_certificates_and_returns_the_first(
+    tmp_path: Path,
+) -> None:
+    first, second = (
+        certs.build_self_signed(ec.generate_private_key(ec.SECP256R1()), [name])
+        for name in ["leaf.example", "issuer.example"]
+    )
+    chain = tmp_path / "chain.pem"
+    chain.write_bytes(
+        b"".join(c.public_bytes(serialization.Encoding.PEM) for c in (first, second))
+    )
+
+    source = load_spki_source(chain)
+
+    assert source.certificates == 2
+    assert source.kind == "certificate"
+    assert code_for_spki(source.spki_der) == certs.cert_info(first).code
