@@ -27,13 +27,19 @@ __all__ = ["main", "run"]
 logger = logging.getLogger("unitcert")
 
 DEFAULT_STATE = Path("/var/lib/unitcert")
-# Exit codes of errors, in one place. Any other failure exits 1; `verify` adds
-# its outcomes (1 not your device, 4 untrusted chain or name) as results.
+# Exit codes of errors, in one place. Any other failure, including an OS error
+# on a file or directory the user named, exits 1; usage errors (a missing
+# option, an unknown one, a bad value) exit 2 by click's convention. `verify`
+# adds its outcomes as results: 1 not your device, 4 the chain or name check
+# against --ca failed or the --ca file is unusable.
 _ERROR_EXIT_CODES: tuple[tuple[type[UnitcertError], int], ...] = (
     (CodeFormatError, 2),
     (ConnectError, 3),
 )
 _INTERNAL_ERROR_EXIT = 70
+# How many -v were given, before and after the command names (Context.meta is
+# shared by a context and all of its children).
+_VERBOSE_KEY = "unitcert.verbose"
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -59,10 +65,26 @@ def _entropy_option(function: F) -> F:
     )(function)
 
 
+def _refuse_empty_serial(
+    ctx: click.Context, param: click.Parameter, value: str | None
+) -> str | None:
+    # None means "not given" (a random serial); an empty value is a mistake.
+    if value is not None and not value.strip():
+        raise click.BadParameter(
+            "the serial is empty: give the unit's serial, or leave out --serial "
+            "for a random one",
+            ctx=ctx,
+            param=param,
+        )
+    return value
+
+
 def _identity_options(function: F) -> F:
     options = [
         click.option(
-            "--serial", help="The unit's serial (a DNS label); random when not given."
+            "--serial",
+            callback=_refuse_empty_serial,
+            help="The unit's serial (a DNS label); random when not given.",
         ),
         click.option(
             "--product",
@@ -103,8 +125,36 @@ def _configure_logging(verbose: int, *, level: int) -> None:
 
 
 def _verbose(ctx: click.Context) -> int:
-    root = ctx.find_root()
-    return int(root.params.get("verbose", 0))
+    return int(ctx.meta.get(_VERBOSE_KEY, 0))
+
+
+def _count_verbose(ctx: click.Context, param: click.Parameter, value: int) -> int:
+    if value:
+        ctx.meta[_VERBOSE_KEY] = _verbose(ctx) + value
+        _configure_logging(_verbose(ctx), level=logging.WARNING)
+    return value
+
+
+def _accept_verbose(command: click.Command) -> None:
+    """Let ``-v``/``--verbose`` follow the command's name too (``device status -v``).
+
+    Commands of other parts get the option when they are registered, and so do
+    the commands of a plain group of theirs.
+    """
+    if not any({"-v", "--verbose"} & set(param.opts) for param in command.params):
+        command.params.append(
+            click.Option(
+                ["-v", "--verbose"],
+                count=True,
+                expose_value=False,
+                callback=_count_verbose,
+                help="Show debug logs and tracebacks (also accepted before the "
+                "command).",
+            )
+        )
+    if isinstance(command, click.Group) and not isinstance(command, LazyGroup):
+        for subcommand in command.commands.values():
+            _accept_verbose(subcommand)
 
 
 class LazyGroup(click.Group):
@@ -118,6 +168,11 @@ class LazyGroup(click.Group):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.lazy_commands: dict[str, str] = {}
+
+    def add_command(self, cmd: click.Command, name: str | None = None) -> None:
+        """Register ``cmd`` (and accept ``-v`` after its name)."""
+        _accept_verbose(cmd)
+        super().add_command(cmd, name)
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         """List the group's own commands and the lazy ones, sorted."""
@@ -133,13 +188,20 @@ class LazyGroup(click.Group):
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("-v", "--verbose", count=True, help="Show debug logs and tracebacks.")
+@click.option(
+    "-v",
+    "--verbose",
+    count=True,
+    help="Show debug logs and tracebacks (also accepted after the command).",
+)
 @click.version_option(__version__, prog_name="unitcert")
-def main(verbose: int) -> None:
+@click.pass_context
+def main(ctx: click.Context, verbose: int) -> None:
     """unitcert: a unique TLS identity for every unit a maker ships.
 
     Run 'unitcert COMMAND --help' for the options of a command.
     """
+    ctx.meta[_VERBOSE_KEY] = verbose
     _configure_logging(verbose, level=logging.WARNING)
 
 
@@ -236,48 +298,52 @@ def device_serve(
 
     _configure_logging(_verbose(ctx), level=logging.INFO)
     store = StateStore(state_dir)
-    result = agent.start_unit(
-        store,
-        entropy_timeout=entropy_timeout,
-        serial=serial,
-        product=product,
-        domain=domain,
-        key_type=keys.KeyType.parse(key_type),
-    )
-    unit = result.unit
-    for note in result.notes:
-        logger.info("%s", note)
-
-    host = f"[{bind}]" if ":" in bind else bind
-
-    def announce() -> None:
-        if result.created:
-            click.echo(f"First start: made this unit's identity in {state_dir}.")
-        else:
-            click.echo(f"Reusing this unit's identity from {state_dir}.")
-        _echo_field("URL", f"https://{host}:{https_port}/")
-        _echo_field("Host name", unit.meta.hostname)
-        _echo_field(
-            "Code",
-            f"{unit.info.code}  (check it: unitcert verify {host}:{https_port} "
-            f"--code {unit.info.code})",
+    store.create()
+    # One serving process per state: a second one would race the first.
+    with store.serving():
+        result = agent.start_unit(
+            store,
+            entropy_timeout=entropy_timeout,
+            serial=serial,
+            product=product,
+            domain=domain,
+            key_type=keys.KeyType.parse(key_type),
         )
-        _echo_setup_credential(unit)
-        click.echo("Press Ctrl+C to stop.", err=False)
+        unit = result.unit
+        for note in result.notes:
+            logger.info("%s", note)
 
-    run_server(
-        store,
-        bind=bind,
-        https_port=https_port,
-        http_port=http_port,
-        on_listening=announce,
-    )
+        host = f"[{bind}]" if ":" in bind else bind
+
+        def announce() -> None:
+            if result.created:
+                click.echo(f"First start: made this unit's identity in {state_dir}.")
+            else:
+                click.echo(f"Reusing this unit's identity from {state_dir}.")
+            _echo_field("URL", f"https://{host}:{https_port}/")
+            _echo_field("Host name", unit.meta.hostname)
+            _echo_field(
+                "Code",
+                f"{unit.info.code}  (check it: unitcert verify {host}:{https_port} "
+                f"--code {unit.info.code})",
+            )
+            _echo_setup_credential(unit)
+            click.echo("Press Ctrl+C to stop.", err=False)
+
+        run_server(
+            store,
+            bind=bind,
+            https_port=https_port,
+            http_port=http_port,
+            on_listening=announce,
+        )
 
 
 def _status_record(unit: agent.Unit, store: StateStore) -> dict[str, object]:
     record: dict[str, object] = {
         "state": str(store.root),
         "source": unit.source,
+        "source_name": agent.describe_source(unit.source),
         "hostname": unit.meta.hostname,
         "serial": unit.meta.serial,
         "product": unit.meta.product,
@@ -301,9 +367,10 @@ def _status_record(unit: agent.Unit, store: StateStore) -> dict[str, object]:
         "identity_code": str(unit.identity_info.code) if unit.identity_info else None,
         "note": unit.served_note,
     }
-    # The setup credential is for the local operator only (DESIGN.md).
-    if os.geteuid() == 0 and unit.admin is not None and unit.admin.must_change:
-        record["setup_credential"] = unit.admin.setup
+    # The setup credential is for the local operator only (DESIGN.md); it is
+    # None once the owner has chosen a password.
+    setup = unit.admin.setup if unit.admin is not None else None
+    record["setup_credential"] = setup if os.geteuid() == 0 else None
     return record
 
 
@@ -336,10 +403,16 @@ def device_status(state_dir: Path, as_json: bool) -> None:
         _echo_field("Note", unit.served_note)
     binding = "this machine" if unit.binding_ok else "ANOTHER MACHINE (cloned image?)"
     _echo_field("Bound to", f"{unit.meta.binding.describe()}: {binding}")
-    if "setup_credential" in record:
+    if unit.admin is None:
+        _echo_field(
+            "Setup",
+            "the unit has no admin credential yet: starting it ('unitcert device "
+            f"serve --state {store.root}') makes a setup credential",
+        )
+    elif record["setup_credential"] is not None:
         _echo_setup_credential(unit)
-    elif not record["admin_password_set"]:
-        _echo_field("Setup", "credential set; run as root to see it")
+    elif unit.admin.must_change:
+        _echo_field("Setup", "a setup credential is set; run as root to see it")
     else:
         _echo_field("Admin", "the owner has set a password")
 
@@ -383,10 +456,29 @@ def device_reset(
 def code_command(file: Path) -> None:
     """Print the fingerprint code of a certificate, public key or CSR (PEM or DER)."""
     from unitcert.code import code_for_spki
-    from unitcert.spki import load_spki
+    from unitcert.spki import load_spki_source
 
-    spki = load_spki(file)
-    click.echo(str(code_for_spki(spki)))
+    source = load_spki_source(file)
+    if source.certificates > 1:
+        click.echo(
+            f"the file holds {source.certificates} certificates; this is the code "
+            "of the first",
+            err=True,
+        )
+    click.echo(str(code_for_spki(source.spki_der)))
+
+
+def _check_name_option(
+    ctx: click.Context, param: click.Parameter, value: str | None
+) -> str | None:
+    from unitcert.verify import check_server_name
+
+    if value is None:
+        return None
+    try:
+        return check_server_name(value)
+    except InputError as exc:
+        raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
 
 
 @main.command("verify")
@@ -396,13 +488,15 @@ def code_command(file: Path) -> None:
     "--name",
     "--servername",
     "name",
-    help="The unit's name: sent as SNI and, with --ca, checked in its certificate.",
+    callback=_check_name_option,
+    help="The unit's DNS name: sent as SNI and, with --ca, checked in its "
+    "certificate (default: the HOST connected to).",
 )
 @click.option(
     "--ca",
     "ca_path",
-    type=click.Path(path_type=Path, dir_okay=False),
-    help="The maker's root certificate (PEM): also check the chain to it.",
+    type=click.Path(path_type=Path),
+    help="The maker's root certificate (PEM or DER): also check the chain to it.",
 )
 @click.option(
     "--timeout", type=click.FloatRange(min=0.1), default=10.0, show_default=True
@@ -418,33 +512,63 @@ def verify_command(
 ) -> None:
     """Check that the unit at HOST[:PORT] serves the key of the code on its sticker.
 
-    Exit codes: 0 it matches, 1 it does NOT (not your device), 2 the code is
-    malformed or mistyped, 3 cannot connect or no TLS, 4 the chain or name
-    check against --ca failed.
-    """
-    from unitcert.verify import Outcome, verify_unit
+    HOST[:PORT] may also be the URL that 'device serve' prints
+    (https://HOST:PORT/); the port defaults to 443, and an IPv6 address with a
+    port goes in brackets: [fe80::1]:8443. The code and the --ca file are
+    checked before anything is sent.
 
-    if ca_path is not None and not ca_path.is_file():
-        raise InputError(f"the root certificate {ca_path} does not exist")
+    \b
+    Exit codes:
+      0  the unit serves the key of the code
+      1  a valid code of ANOTHER key: this is not your device
+      2  the code is malformed or mistyped, or the command line is wrong
+         (a missing --code, an unknown option, an invalid --name)
+      3  cannot connect, no TLS there, or the address is unusable
+      4  the chain or name check against --ca failed, or the --ca file is
+         unusable
+    """
+    from unitcert.code import parse_code
+    from unitcert.verify import Outcome, load_roots, verify_unit
+
+    expected = parse_code(code_text.strip())
+    roots = None
+    if ca_path is not None:
+        try:
+            roots = load_roots(ca_path)
+        except InputError as exc:
+            logger.debug("error details", exc_info=True)
+            click.echo(f"unitcert: error: {exc}", err=True)
+            ctx.exit(Outcome.UNTRUSTED.value)
     result = verify_unit(
-        address, code_text, servername=name, ca_path=ca_path, timeout=timeout
+        address, expected, servername=name, roots=roots, timeout=timeout
     )
+
     if result.outcome is Outcome.MISMATCH:
         click.echo(
             f"NOT YOUR DEVICE: {result.address} serves a key with code "
-            f"{result.served}, "
-            f"not {result.expected}. Do not log in or enter any password: this is not "
-            "the unit the sticker belongs to.",
+            f"{result.served}, not {result.expected}. Do not log in or enter any "
+            "password: this is not the unit the sticker belongs to.",
             err=True,
         )
     elif result.outcome is Outcome.UNTRUSTED:
+        hint = (
+            "; if the unit has a DNS name, give it with --name <the unit's DNS name>"
+            if name is None and result.name_mismatch
+            else ""
+        )
         click.echo(
-            f"The code matches ({result.served}), but the certificate chain or name "
-            f"did not verify against {ca_path}: {result.trust_error}.",
+            f"The code matches ({result.served}), but the certificate did not "
+            f"verify against {ca_path} for the name {result.checked_name}: "
+            f"{result.trust_error}{hint}.",
             err=True,
         )
     else:
-        trusted = f", and its chain verifies to {ca_path}" if ca_path else ""
+        trusted = (
+            f", and its certificate verifies to {ca_path} for the name "
+            f"{result.checked_name}"
+            if ca_path
+            else ""
+        )
         click.echo(
             f"OK: {result.address} is the unit with code {result.served}{trusted}."
         )
@@ -523,6 +647,15 @@ def run(argv: list[str] | None = None) -> int:
         return _exit_code_for(exc)
     except KeyboardInterrupt:
         return 130
+    except OSError as exc:
+        # An ordinary refusal by the OS (a read-only or special path, a file
+        # where a directory should be, a name too long): the user's to fix.
+        logger.debug("error details", exc_info=True)
+        reason = exc.strerror or str(exc)
+        if exc.filename is not None:
+            reason = f"cannot use {os.fsdecode(exc.filename)}: {reason}"
+        click.echo(f"unitcert: error: {reason}", err=True)
+        return 1
     except Exception as exc:
         logger.debug("internal error", exc_info=True)
         click.echo(
