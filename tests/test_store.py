@@ -273,3 +273,39 @@ def test_commit_refuses_file_names_that_escape_the_generation(tmp_path: Path) ->
     store.create()
     with store.lock(), pytest.raises(ValueError, match="plain state file name"):
         store.commit(Part.LOCAL, {"../evil": b"x"})
+
+
+def test_a_second_serve_on_the_same_state_is_refused(tmp_path: Path) -> None:
+    store = StateStore(tmp_path / "state")
+    device.init_unit(store)
+
+    with store.serving():
+        assert store.serving_pid() == os.getpid()
+        with (
+            pytest.raises(StateError, match="already serving"),
+            StateStore(store.root).serving(),
+        ):
+            pass
+        second = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "unitcert",
+                "device",
+                "serve",
+                "--state",
+                str(store.root),
+                "--https-port",
+                "1",
+                "--http-port",
+                "2",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+
+    assert second.returncode == 1
+    assert f"(process {os.getpid()}) is already serving" in second.stderr
+    assert "Traceback" not in second.stderr
+    assert store.serving_pid() is None

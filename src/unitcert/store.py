@@ -37,6 +37,7 @@ from pathlib import Path
 from unitcert.errors import StateError
 
 __all__ = [
+    "SERVE_LOCK_FILE",
     "Generation",
     "Part",
     "StateStore",
@@ -49,6 +50,7 @@ _GEN_RE = re.compile(r"^g(\d{8})$")
 _FILE_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 _DIR_MODE = 0o700
 _FILE_MODE = 0o600
+SERVE_LOCK_FILE = "serve.pid"
 
 
 class Part(Enum):
@@ -194,6 +196,54 @@ class StateStore:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
+        finally:
+            os.close(fd)
+
+    @contextlib.contextmanager
+    def serving(self) -> Iterator[None]:
+        """Hold the state's serving lock: one ``serve`` process per state.
+
+        The lock file (``serve.pid``) names the holder's process id while it
+        runs; the kernel releases the lock when the process ends, however it
+        ends.
+
+        Raises:
+            StateError: another process is serving this state.
+        """
+        path = self.root / SERVE_LOCK_FILE
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, _FILE_MODE)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+                raise StateError(
+                    f"another 'unitcert device serve' (process {holder or '?'}) is "
+                    f"already serving the state at {self.root}: stop it first, or "
+                    "give this one its own --state"
+                ) from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+            try:
+                yield
+            finally:
+                os.ftruncate(fd, 0)
+        finally:
+            os.close(fd)
+
+    def serving_pid(self) -> int | None:
+        """Return the process id of the ``serve`` holding this state, or None."""
+        try:
+            fd = os.open(self.root / SERVE_LOCK_FILE, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+                return int(text) if text.isdigit() else 0
+            return None
         finally:
             os.close(fd)
 

@@ -22,8 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import errno
-import fcntl
 import json
 import logging
 import os
@@ -32,7 +30,7 @@ import secrets
 import shlex
 import subprocess
 import threading
-from collections.abc import Callable, Iterator, MutableMapping
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -71,7 +69,6 @@ if TYPE_CHECKING:
 __all__ = [
     "ACCOUNT_FILE",
     "ACCOUNT_KEY_FILE",
-    "SERVE_LOCK_FILE",
     "AcmeAgent",
     "AcmeStatus",
     "load_cert",
@@ -81,7 +78,6 @@ __all__ = [
     "request_order",
     "run_agent",
     "save_settings",
-    "serve_lock",
     "serve_running",
     "turn_off",
 ]
@@ -279,43 +275,9 @@ def turn_off(store: StateStore) -> None:
 # --- the serving process's marker ---------------------------------------------
 
 
-@contextlib.contextmanager
-def serve_lock(store: StateStore) -> Iterator[bool]:
-    """Hold ``serve.pid`` in the state directory while serving.
-
-    Yields:
-        True when this process holds it, False when another ``serve`` does.
-    """
-    path = store.root / SERVE_LOCK_FILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise
-            yield False
-            return
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode("ascii"))
-        yield True
-    finally:
-        os.close(fd)
-
-
 def serve_running(store: StateStore) -> bool:
-    """Say whether a ``serve`` process holds this state's ``serve.pid``."""
-    try:
-        fd = os.open(store.root / SERVE_LOCK_FILE, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except OSError:
-        return True
-    finally:
-        os.close(fd)
-    return False
+    """Say whether a ``serve`` process is serving this state."""
+    return store.serving_pid() is not None
 
 
 # --- status --------------------------------------------------------------------
@@ -873,33 +835,26 @@ async def run_agent(
     """The agent's loop inside ``serve``: run a step when one is due or the state
     changed (a new request or new settings), until cancelled.
 
-    Only the ``serve`` that holds ``serve.pid`` runs it, so that two servers
-    on one state never both order. Failures are logged; the loop goes on.
+    It runs inside the one ``serve`` that holds the state's serving lock
+    (:meth:`unitcert.store.StateStore.serving`), so two processes never both
+    order for one state. Failures are logged; the loop goes on.
     """
-    with serve_lock(store) as held:
-        if not held:
-            logger.warning(
-                "another 'serve' runs for %s and does its ACME work; this one does "
-                "none",
-                store.root,
-            )
-            return
-        agent = AcmeAgent(store, http_responses=http_responses)
-        loop = asyncio.get_running_loop()
-        token: tuple[str | None, ...] | None = None
-        wake_at = 0.0
-        while True:
-            current = store.watch_token()
-            if current != token or loop.time() >= wake_at:
-                try:
-                    due = await _in_daemon_thread(agent.run_once)
-                except Exception as exc:
-                    logger.error("the ACME agent failed: %s", exc)
-                    logger.debug("ACME agent failure", exc_info=True)
-                    due = None
-                token = store.watch_token()
-                delay = _LONGEST_SLEEP
-                if due is not None:
-                    delay = min(max((due - _now()).total_seconds(), 0.0), delay)
-                wake_at = loop.time() + delay
-            await asyncio.sleep(poll)
+    agent = AcmeAgent(store, http_responses=http_responses)
+    loop = asyncio.get_running_loop()
+    token: tuple[str | None, ...] | None = None
+    wake_at = 0.0
+    while True:
+        current = store.watch_token()
+        if current != token or loop.time() >= wake_at:
+            try:
+                due = await _in_daemon_thread(agent.run_once)
+            except Exception as exc:
+                logger.error("the ACME agent failed: %s", exc)
+                logger.debug("ACME agent failure", exc_info=True)
+                due = None
+            token = store.watch_token()
+            delay = _LONGEST_SLEEP
+            if due is not None:
+                delay = min(max((due - _now()).total_seconds(), 0.0), delay)
+            wake_at = loop.time() + delay
+        await asyncio.sleep(poll)
