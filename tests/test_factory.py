@@ -42,6 +42,7 @@ from unitcert.cli import run
 from unitcert.code import code_for_spki, spki_from_cert_der
 from unitcert.errors import DuplicateError, InputError, KeyMismatchError, WeakKeyError
 from unitcert.factory import ca as factory_ca
+from unitcert.factory import provision
 from unitcert.factory.issue import Issuer
 from unitcert.factory.provision import batch_serials, provision_batch, provision_unit
 from unitcert.factory.registry import Registry, default_url
@@ -715,6 +716,32 @@ def test_provision_batch_provisions_units_each_in_its_own_state(
         == 1
     )
     assert not (tmp_path / "again").exists()
+
+
+def test_provision_batch_spreads_a_large_batch_over_processes(
+    factory: Factory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(provision, "_PROCESS_MIN", 4)
+    phases: list[str] = []
+
+    result = provision_batch(
+        factory.issuer,
+        tmp_path / "many",
+        batch_serials("m", 4),
+        on_progress=lambda phase, n: phases.extend([phase] * n),
+    )
+
+    assert [u.serial for u in result.provisioned] == [
+        "m0001",
+        "m0002",
+        "m0003",
+        "m0004",
+    ]
+    for unit in result.provisioned:
+        loaded = device.load_unit(StateStore(unit.state_dir))
+        assert loaded.source == "factory" and loaded.info.code == unit.code
+        assert loaded.meta.binding == device.Binding("serial", unit.serial)
+    assert phases.count("keys") == 4 and phases.count("install") == 4
 
 
 def test_provision_batch_of_rsa_units_checks_their_moduli(

@@ -9,15 +9,24 @@ unit's state and never copied anywhere else.
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import (
+    Executor,
+    ProcessPoolExecutor,
+    ThreadPoolExecutor,
+    as_completed,
+)
 from dataclasses import dataclass
+from multiprocessing import get_context
 from pathlib import Path
+from typing import TypeVar
 
 from unitcert import device, keys
 from unitcert.code import FingerprintCode
-from unitcert.errors import DuplicateError, InputError
+from unitcert.errors import DuplicateError, InputError, UnitcertError
 from unitcert.factory.issue import Issuer
 from unitcert.factory.unit import install_factory_identity, make_identity_csr
 from unitcert.store import StateStore
@@ -32,8 +41,13 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# The unit-side steps of a batch wait mostly on fsync, which releases the GIL.
-_BATCH_THREADS = 8
+# The units' steps of a batch run in chunks, each in this many threads.
+_THREADS = 4
+_CHUNK = 50
+# Below this many units, starting worker processes costs more than it saves.
+_PROCESS_MIN = 200
+_T = TypeVar("_T")
+_R = TypeVar("_R")
 
 
 @dataclass(frozen=True)
@@ -82,20 +96,25 @@ def _check_label_path(path: Path | None) -> None:
 def _make_unit(
     state_dir: Path,
     serial: str,
-    issuer: Issuer,
     *,
+    product: str,
+    domain: str,
     key_type: keys.KeyType,
     entropy_timeout: float,
     generator: Callable[[keys.KeyType], keys.PrivateKey],
 ) -> tuple[StateStore, device.InitResult, bytes]:
-    """The unit's own steps: make its identity (station-bound) and its CSR."""
+    """The unit's own steps: make its identity (station-bound) and its CSR.
+
+    Raises:
+        InputError: the unit is already factory-provisioned.
+        The errors of :func:`unitcert.device.init_unit`.
+    """
     store = StateStore(state_dir)
-    config = issuer.ca.config
     result = device.init_unit(
         store,
         serial=serial,
-        product=config.product,
-        domain=config.domain,
+        product=product,
+        domain=domain,
         key_type=key_type,
         entropy_timeout=entropy_timeout,
         generator=generator,
@@ -150,7 +169,8 @@ def provision_unit(
     store, result, csr = _make_unit(
         state_dir,
         serial,
-        issuer,
+        product=issuer.ca.config.product,
+        domain=issuer.ca.config.domain,
         key_type=key_type,
         entropy_timeout=entropy_timeout,
         generator=generator,
@@ -172,6 +192,114 @@ def provision_unit(
         state_dir=state_dir,
         label_path=label_path,
     )
+
+
+@dataclass(frozen=True)
+class _UnitJob:
+    """What a worker needs to make one simulated unit (picklable)."""
+
+    state_dir: Path
+    serial: str
+    product: str
+    domain: str
+    key_type: str
+    entropy_timeout: float
+
+
+def _in_threads(function: Callable[[_T], _R], items: Sequence[_T]) -> list[_R]:
+    # The units' steps wait on fsync, which releases the GIL: threads overlap it.
+    with ThreadPoolExecutor(_THREADS) as pool:
+        return list(pool.map(function, items))
+
+
+def _make_units(
+    jobs: Sequence[_UnitJob],
+    generator: Callable[[keys.KeyType], keys.PrivateKey] = keys.generate_key,
+) -> list[tuple[str, bytes, str | None]]:
+    """The units' own steps for a chunk: identity (serial-bound) and CSR.
+
+    Returns ``(serial, csr_pem, setup_credential)`` for each unit.
+
+    Raises:
+        InputError: a unit could not be made (the error names it); errors are
+            plain so that they cross a process boundary.
+    """
+
+    def make(job: _UnitJob) -> tuple[str, bytes, str | None]:
+        try:
+            _, result, csr = _make_unit(
+                job.state_dir,
+                job.serial,
+                product=job.product,
+                domain=job.domain,
+                key_type=keys.KeyType.parse(job.key_type),
+                entropy_timeout=job.entropy_timeout,
+                generator=generator,
+            )
+        except UnitcertError as error:
+            raise InputError(f"unit {job.serial}: {error}") from None
+        return job.serial, csr, _setup_credential(result)
+
+    return _in_threads(make, jobs)
+
+
+def _install_units(
+    items: Sequence[tuple[Path, str, bytes, str | None]],
+) -> list[ProvisionedUnit]:
+    """The units install their chains: ``(state_dir, serial, chain, setup)`` each.
+
+    Raises:
+        InputError: a unit could not install its chain (the error names it).
+    """
+
+    def install(item: tuple[Path, str, bytes, str | None]) -> ProvisionedUnit:
+        state_dir, serial, chain_pem, setup = item
+        try:
+            unit = install_factory_identity(
+                StateStore(state_dir), chain_pem, setup_credential=setup
+            )
+        except UnitcertError as error:
+            raise InputError(f"unit {serial}: {error}") from None
+        return ProvisionedUnit(
+            serial=serial,
+            hostname=unit.meta.hostname,
+            code=unit.info.code,
+            state_dir=state_dir,
+        )
+
+    return _in_threads(install, items)
+
+
+def _executor(
+    count: int, generator: Callable[[keys.KeyType], keys.PrivateKey]
+) -> Executor:
+    """One process per core for large batches, else this process.
+
+    Each chunk runs its units in threads (fsync waits overlap); processes
+    spread the Python work over the cores. They start with ``spawn``: forking
+    a process that runs threads (a progress bar) can hang, and a custom key
+    generator (a test seam) cannot cross to another process.
+    """
+    if generator is keys.generate_key and count >= _PROCESS_MIN:
+        workers = max(2, os.cpu_count() or 1)
+        return ProcessPoolExecutor(workers, mp_context=get_context("spawn"))
+    return ThreadPoolExecutor(1)
+
+
+def _run_chunks(
+    pool: Executor,
+    work: Callable[[Sequence[_T]], list[_R]],
+    items: Sequence[_T],
+    progress: Callable[[int], None],
+) -> list[_R]:
+    """Run ``work`` over chunks of ``items`` in ``pool``; results in item order."""
+    chunks = [items[i : i + _CHUNK] for i in range(0, len(items), _CHUNK)]
+    futures = {pool.submit(work, chunk): n for n, chunk in enumerate(chunks)}
+    results: list[list[_R]] = [[] for _ in chunks]
+    for future in as_completed(futures):
+        results[futures[future]] = future.result()
+        progress(len(results[futures[future]]))
+    return [result for chunk in results for result in chunk]
 
 
 def batch_serials(prefix: str, count: int, *, start: int = 1) -> list[str]:
@@ -240,45 +368,34 @@ def provision_batch(
     def report(phase: str) -> Callable[[int], None]:
         return lambda done: on_progress(phase, done) if on_progress else None
 
-    def make(serial: str) -> tuple[StateStore, device.InitResult, bytes]:
-        made = _make_unit(
+    config = issuer.ca.config
+    jobs = [
+        _UnitJob(
             out_dir / serial,
             serial,
-            issuer,
-            key_type=key_type,
-            entropy_timeout=entropy_timeout,
-            generator=generator,
+            config.product,
+            config.domain,
+            key_type.value,
+            entropy_timeout,
         )
-        report("keys")(1)
-        return made
-
-    with ThreadPoolExecutor(_BATCH_THREADS) as pool:
-        units = dict(zip(serials, pool.map(make, serials), strict=True))
-    outcome = issuer.issue_batch(
-        [(serial, csr) for serial, (_, _, csr) in units.items()],
-        validity_days=validity_days,
-        on_progress=report("issue"),
-    )
-
-    def install(serial: str, chain_pem: bytes) -> ProvisionedUnit:
-        store, result, _ = units[serial]
-        unit = install_factory_identity(
-            store, chain_pem, setup_credential=_setup_credential(result)
+        for serial in serials
+    ]
+    with _executor(len(jobs), generator) as pool:
+        made = _run_chunks(
+            pool,
+            functools.partial(_make_units, generator=generator),
+            jobs,
+            report("keys"),
         )
-        report("install")(1)
-        return ProvisionedUnit(
-            serial=serial,
-            hostname=unit.meta.hostname,
-            code=unit.info.code,
-            state_dir=store.root,
+        outcome = issuer.issue_batch(
+            [(serial, csr) for serial, csr, _ in made],
+            validity_days=validity_days,
+            on_progress=report("issue"),
         )
-
-    with ThreadPoolExecutor(_BATCH_THREADS) as pool:
-        provisioned = list(
-            pool.map(
-                install,
-                [i.serial for i in outcome.issued],
-                [i.chain_pem for i in outcome.issued],
-            )
-        )
+        setups = {serial: setup for serial, _, setup in made}
+        installs = [
+            (out_dir / i.serial, i.serial, i.chain_pem, setups[i.serial])
+            for i in outcome.issued
+        ]
+        provisioned = _run_chunks(pool, _install_units, installs, report("install"))
     return BatchResult(tuple(provisioned), outcome.refused, outcome.flagged)
