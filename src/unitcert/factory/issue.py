@@ -384,11 +384,12 @@ class Issuer:
         request = self.check(csr_pem, serial)
         existing = self._refuse_taken(request, reissue=reissue)
         new_key = existing is None or existing.spki_sha256 != request.spki_sha256
-        prime_check = "n/a"
-        if request.modulus is not None and new_key:
+        if request.modulus is None:
+            prime_check = "n/a"
+        elif new_key or existing is None:
             prime_check = self._check_prime_snapshot(request)
         else:
-            prime_check = existing.prime_check if existing is not None else "n/a"
+            prime_check = existing.prime_check
 
         cert = build_unit_cert(
             self.ca,
