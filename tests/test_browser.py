@@ -15,16 +15,16 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
+from support import ServedUnit as Served
+from support import serving
 from test_custom_support import (
     Pki,
-    Served,
     ec_key,
     key_pem,
     make_pki,
     make_unit,
     pems,
     rsa_key,
-    serving,
 )
 from unitcert import device
 
@@ -73,7 +73,7 @@ def _shot(page: Page, directory: Path, name: str) -> Path:
 def _log_in_first_time(page: Page, served: Served) -> None:
     admin = device.load_unit(served.store).admin
     assert admin is not None and admin.setup is not None
-    page.goto(f"https://127.0.0.1:{served.port}/")
+    page.goto(f"https://127.0.0.1:{served.https_port}/")
     page.get_by_label("Password").fill(admin.setup)
     page.get_by_role("button", name="Log in").click()
     expect(page.get_by_role("heading", name="Choose your own password")).to_be_visible()

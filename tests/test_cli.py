@@ -5,18 +5,16 @@ from __future__ import annotations
 import json
 import os
 import socket
-import ssl
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import click
 import pytest
 from click.testing import CliRunner
 
+from support import ServedUnit, free_port, leaf_der, serving
 from unitcert import device
 from unitcert.cli import main, run
 from unitcert.code import code_for_spki, spki_from_cert_der
@@ -26,70 +24,11 @@ UNITCERT = [sys.executable, "-m", "unitcert"]
 OTHER_CODE = "B9X7-HK54-M3T2-1PDW-CAXP-X"  # DESIGN.md's vector: an RFC example key
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _served_der(port: int) -> bytes:
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    with (
-        socket.create_connection(("127.0.0.1", port), timeout=2) as sock,
-        context.wrap_socket(sock) as tls,
-    ):
-        der = tls.getpeercert(binary_form=True)
-    assert der is not None
-    return der
-
-
-@dataclass
-class ServedUnit:
-    state: Path
-    https_port: int
-    http_port: int
-    process: subprocess.Popen[str]
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.https_port}"
-
-
 @pytest.fixture(scope="module")
 def served_unit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedUnit]:
-    state = tmp_path_factory.mktemp("unit") / "state"
-    https_port, http_port = _free_port(), _free_port()
-    process = subprocess.Popen(
-        [
-            *UNITCERT,
-            "device",
-            "serve",
-            "--state",
-            str(state),
-            "--https-port",
-            str(https_port),
-            "--http-port",
-            str(http_port),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            _served_der(https_port)
-            break
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                raise AssertionError(process.communicate()[0]) from None
-            time.sleep(0.05)
-    yield ServedUnit(state, https_port, http_port, process)
-    process.terminate()
-    process.communicate(timeout=10)
+    directory = tmp_path_factory.mktemp("unit")
+    with serving(StateStore(directory / "state"), directory, verbose=False) as served:
+        yield served
 
 
 def _all_commands(
@@ -123,7 +62,7 @@ def test_serve_prints_url_code_and_setup_credential_then_reuses_identity(
     state = tmp_path / "state"
     outputs = []
     for _ in range(2):
-        https_port, http_port = _free_port(), _free_port()
+        https_port, http_port = free_port(), free_port()
         process = subprocess.Popen(
             [
                 *UNITCERT,
@@ -161,7 +100,7 @@ def test_serve_prints_url_code_and_setup_credential_then_reuses_identity(
 
 
 def test_verify_exits_0_when_the_served_key_matches(served_unit: ServedUnit) -> None:
-    code = str(code_for_spki(spki_from_cert_der(_served_der(served_unit.https_port))))
+    code = str(code_for_spki(spki_from_cert_der(leaf_der(served_unit.https_port))))
 
     result = subprocess.run(
         [
@@ -218,7 +157,7 @@ def test_verify_exits_2_for_a_malformed_code(
 
 
 def test_verify_exits_3_when_nothing_listens_or_no_tls(served_unit: ServedUnit) -> None:
-    closed = _free_port()
+    closed = free_port()
 
     nothing = subprocess.run(
         [*UNITCERT, "verify", f"127.0.0.1:{closed}", "--code", OTHER_CODE],
@@ -238,13 +177,20 @@ def test_status_json_and_pin_match_what_a_client_receives(
     served_unit: ServedUnit,
 ) -> None:
     result = subprocess.run(
-        [*UNITCERT, "device", "status", "--state", str(served_unit.state), "--json"],
+        [
+            *UNITCERT,
+            "device",
+            "status",
+            "--state",
+            str(served_unit.store.root),
+            "--json",
+        ],
         capture_output=True,
         text=True,
         check=True,
     )
     status = json.loads(result.stdout)
-    der = _served_der(served_unit.https_port)
+    der = leaf_der(served_unit.https_port)
 
     assert status["code"] == str(code_for_spki(spki_from_cert_der(der)))
     assert status["source"] == "self"

@@ -26,12 +26,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from support import ServedUnit as Served
+from support import serving
 from test_custom_support import (
     PASSWORD,
     UNIT_NAME,
     Issued,
     Pki,
-    Served,
     UnitClient,
     ec_key,
     issue,
@@ -46,7 +47,6 @@ from test_custom_support import (
     p12,
     pems,
     rsa_key,
-    serving,
     set_password,
     tree_digest,
 )
@@ -638,7 +638,7 @@ def unit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fixture]:
     )
     cases = _catalogue(tmp)
     with serving(store, tmp) as served:
-        client = UnitClient(served.port)
+        client = UnitClient(served.https_port)
         client.login()
         assert served.code() == good.code
         yield Fixture(served, client, good.code, cases)

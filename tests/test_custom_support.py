@@ -6,7 +6,6 @@ RSA keys come from the factory tests' prime pool (no key generation).
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import hashlib
 import html
@@ -14,13 +13,9 @@ import http.client
 import os
 import re
 import secrets
-import signal
-import socket
 import ssl
 import subprocess
-import sys
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from http.cookies import SimpleCookie
 from pathlib import Path
@@ -35,7 +30,6 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from test_factory_support import pool_rsa_key
 from unitcert import code, device
-from unitcert.acme.agent import serve_running
 from unitcert.store import StateStore
 
 SERIAL = "cust0001"
@@ -344,61 +338,9 @@ def tree_digest(root: Path) -> str:
     return digest.hexdigest()
 
 
-def served_code(port: int, *, server_name: str | None = None) -> str:
-    """The fingerprint code of the key a TLS server presents (Python ssl)."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    with (
-        socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
-        context.wrap_socket(raw, server_hostname=server_name) as tls,
-    ):
-        der = tls.getpeercert(binary_form=True)
-    assert der is not None
-    return str(code.code_for_spki(code.spki_from_cert_der(der)))
-
-
 # --- a served unit and a small HTTPS client -------------------------------------
 
 NEW_PASSWORD = "correct horse battery staple"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> float:
-    """Poll ``condition`` until it holds; return the seconds it took."""
-    start = time.monotonic()
-    while not condition():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
-    return time.monotonic() - start
-
-
-def _port_open(port: int) -> bool:
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) == 0
-
-
-@dataclass
-class Served:
-    """A running ``unitcert device serve``."""
-
-    store: StateStore
-    port: int
-    process: subprocess.Popen[bytes]
-    log_path: Path
-
-    def log(self) -> str:
-        return self.log_path.read_text("utf-8", errors="replace")
-
-    def code(self) -> str:
-        return served_code(self.port)
 
 
 def set_password(store: StateStore) -> None:
@@ -406,37 +348,6 @@ def set_password(store: StateStore) -> None:
     admin = device.load_unit(store).admin
     assert admin is not None
     device.save_admin_credential(store, admin.with_password(NEW_PASSWORD))
-
-
-@contextlib.contextmanager
-def serving(store: StateStore, log_dir: Path) -> Iterator[Served]:
-    """Run ``unitcert device serve`` on ``store`` on free loopback ports."""
-    https_port, http_port = free_port(), free_port()
-    log_path = log_dir / "serve.log"
-    command = [sys.executable, "-m", "unitcert", "-v", "device", "serve"]
-    command += ["--state", str(store.root), "--https-port", str(https_port)]
-    command += ["--http-port", str(http_port)]
-    with (
-        open(log_path, "wb") as log,
-        subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log) as process,
-    ):
-        served = Served(store, https_port, process, log_path)
-        try:
-            wait_until(
-                lambda: process.poll() is not None or _port_open(https_port),
-                20,
-                "the server to listen",
-            )
-            assert process.poll() is None, served.log()
-            # serve marks its state directory once it runs (serve.pid); wait for
-            # it, so that tests comparing the state tree start from a settled one.
-            wait_until(lambda: serve_running(store), 10, "serve.pid")
-            yield served
-        finally:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-            returncode = process.wait(timeout=15)
-        assert returncode == 0, f"serve exited with {returncode}:\n{served.log()}"
 
 
 @dataclass

@@ -11,11 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from support import ServedUnit as Served
+from support import serving, wait_until
 from test_custom_support import (
     NEW_PASSWORD,
     PASSWORD,
     Pki,
-    Served,
     UnitClient,
     ec_key,
     key_pem,
@@ -24,10 +25,8 @@ from test_custom_support import (
     p12,
     pems,
     rsa_key,
-    serving,
     set_password,
     tree_digest,
-    wait_until,
 )
 from unitcert import device
 from unitcert.cli import run
@@ -47,7 +46,7 @@ def unit(tmp_path: Path) -> Iterator[Served]:
 
 
 def _client(served: Served) -> tuple[UnitClient, str]:
-    client = UnitClient(served.port)
+    client = UnitClient(served.https_port)
     client.login()
     page = client.get("/certificate")
     assert page.status == 200
@@ -158,7 +157,7 @@ def test_upload_needs_a_session_and_the_form_token(unit: Served, pki: Pki) -> No
     leaf = pki.leaf(ec_key())
     bundle = pems(leaf, pki.inter) + key_pem(leaf.key)
     before = tree_digest(unit.store.root)
-    stranger = UnitClient(unit.port)
+    stranger = UnitClient(unit.https_port)
     reply = stranger.upload("/certificate/preview", {}, [("bundle", "b.pem", bundle)])
     assert reply.status == 303 and reply.headers["Location"] == "/login"
     client, _ = _client(unit)
@@ -197,13 +196,13 @@ def test_upload_takes_a_few_mib_but_413_beyond_and_other_forms_stay_small(
 def test_login_from_a_browser_that_sends_origin_null_is_accepted(unit: Served) -> None:
     # Chromium sends "Origin: null" for a form POST under the pages'
     # "Referrer-Policy: no-referrer"; its Sec-Fetch-Site says same-origin.
-    client = UnitClient(unit.port)
+    client = UnitClient(unit.https_port)
     token = client.get("/login").csrf_token()
     fields = {"csrf_token": token, "password": NEW_PASSWORD}
     browser = {"Origin": "null", "Sec-Fetch-Site": "same-origin"}
     assert client.post("/login", fields, headers=browser).status == 303
 
-    other = UnitClient(unit.port)
+    other = UnitClient(unit.https_port)
     token = other.get("/login").csrf_token()
     fields = {"csrf_token": token, "password": NEW_PASSWORD}
     for forged in ({"Origin": "null"}, {"Sec-Fetch-Site": "cross-site"}):

@@ -15,10 +15,8 @@ import signal
 import socket
 import ssl
 import subprocess
-import sys
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.cookies import SimpleCookie
 from pathlib import Path
@@ -28,6 +26,17 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from support import (
+    ServedUnit as Server,
+)
+from support import (
+    code_of_der,
+    free_port,
+    port_open,
+    served_code,
+    serving,
+    wait_until,
+)
 from unitcert import code, device
 from unitcert.errors import InputError
 from unitcert.store import Part, StateStore
@@ -38,87 +47,12 @@ NEW_PASSWORD = "correct horse battery staple"
 # --- a server in its own process ---------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _wait_until(condition: Callable[[], bool], timeout: float, what: str) -> float:
-    """Poll ``condition`` until it holds; return the seconds it took."""
-    start = time.monotonic()
-    while not condition():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
-    return time.monotonic() - start
-
-
-def _port_open(port: int) -> bool:
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) == 0
-
-
-@dataclass
-class Server:
-    """A running ``unitcert device serve`` and its state."""
-
-    store: StateStore
-    https_port: int
-    http_port: int
-    process: subprocess.Popen[bytes]
-    log_path: Path
-
-    def log(self) -> str:
-        return self.log_path.read_text("utf-8", errors="replace")
-
-    def wait_for_log(self, text: str, *, count: int = 1, timeout: float = 3.0) -> None:
-        _wait_until(
-            lambda: self.log().count(text) >= count, timeout, f"{text!r} in the log"
-        )
-
-    def unit(self) -> device.Unit:
-        return device.load_unit(self.store)
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    def stop(self) -> int:
-        if self.alive():
-            self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout=15)
-
-
 @contextlib.contextmanager
 def _serving(tmp_path: Path, *, verbose: bool = True) -> Iterator[Server]:
     store = StateStore(tmp_path / "state")
     device.init_unit(store)
-    https_port, http_port = _free_port(), _free_port()
-    log_path = tmp_path / "serve.log"
-    command = [sys.executable, "-m", "unitcert", *(["-v"] if verbose else [])]
-    command += ["device", "serve", "--state", str(store.root)]
-    command += ["--https-port", str(https_port), "--http-port", str(http_port)]
-    with (
-        open(log_path, "wb") as log,
-        open(tmp_path / "serve.out", "wb") as out,
-        subprocess.Popen(command, stdout=out, stderr=log) as process,
-    ):
-        server = Server(store, https_port, http_port, process, log_path)
-        try:
-            _wait_until(
-                lambda: (
-                    not server.alive()
-                    or (_port_open(https_port) and _port_open(http_port))
-                ),
-                20,
-                "the server to listen",
-            )
-            assert server.alive(), server.log()
-            yield server
-        finally:
-            returncode = server.stop()
-        assert returncode == 0, f"serve exited with {returncode}:\n{server.log()}"
+    with serving(store, tmp_path, verbose=verbose) as running:
+        yield running
 
 
 @pytest.fixture
@@ -146,10 +80,6 @@ def _client_context() -> ssl.SSLContext:
     return context
 
 
-def _code_of_der(der: bytes) -> str:
-    return str(code.code_for_spki(code.spki_from_cert_der(der)))
-
-
 @contextlib.contextmanager
 def _tls(port: int) -> Iterator[ssl.SSLSocket]:
     """A handshaken TLS connection that sends no SNI."""
@@ -160,13 +90,6 @@ def _tls(port: int) -> Iterator[ssl.SSLSocket]:
         yield tls
 
 
-def _served_code(port: int) -> str:
-    with _tls(port) as tls:
-        der = tls.getpeercert(binary_form=True)
-    assert der is not None
-    return _code_of_der(der)
-
-
 def _read_response(tls: ssl.SSLSocket) -> bytes:
     chunks = []
     while chunk := tls.recv(65536):
@@ -175,8 +98,8 @@ def _read_response(tls: ssl.SSLSocket) -> bytes:
 
 
 def _wait_for_code(server: Server, expected: str, timeout: float = 2.0) -> float:
-    return _wait_until(
-        lambda: _served_code(server.https_port) == expected, timeout, f"code {expected}"
+    return wait_until(
+        lambda: served_code(server.https_port) == expected, timeout, f"code {expected}"
     )
 
 
@@ -283,7 +206,7 @@ def test_openssl_s_client_receives_the_unit_certificate(shared_server: Server) -
     )
 
     cert = x509.load_pem_x509_certificate(result.stdout)
-    received = _code_of_der(cert.public_bytes(Encoding.DER))
+    received = code_of_der(cert.public_bytes(Encoding.DER))
     assert received == str(shared_server.unit().info.code)
 
 
@@ -302,7 +225,7 @@ def test_curl_with_the_unit_pin_gets_the_login_page(shared_server: Server) -> No
     assert result.stdout.startswith("HTTP/1.1 200")
     assert "Log in to this unit" in result.stdout
     cert = x509.load_pem_x509_certificate(result.stdout.encode())
-    received = _code_of_der(cert.public_bytes(Encoding.DER))
+    received = code_of_der(cert.public_bytes(Encoding.DER))
     assert received == str(shared_server.unit().info.code)
 
 
@@ -329,7 +252,7 @@ def test_python_ssl_without_sni_receives_the_unit_certificate(
         version = tls.version()
 
     assert der is not None
-    assert _code_of_der(der) == str(shared_server.unit().info.code)
+    assert code_of_der(der) == str(shared_server.unit().info.code)
     assert version in ("TLSv1.2", "TLSv1.3")
 
 
@@ -368,7 +291,7 @@ def test_new_identity_is_served_without_restart_and_open_connections_finish(
     with _tls(server.https_port) as before:
         before_der = before.getpeercert(binary_form=True)
         assert before_der is not None
-        assert _code_of_der(before_der) == old_code
+        assert code_of_der(before_der) == old_code
 
         new_code = str(
             device.reset_unit(server.store, regenerate_identity=True).unit.info.code
@@ -422,13 +345,13 @@ def test_damaged_state_keeps_the_old_certificate_served(server: Server) -> None:
     server.wait_for_log("could not load the new state, still serving")
 
     assert server.alive()
-    assert _served_code(server.https_port) == old_code
+    assert served_code(server.https_port) == old_code
     assert Browser(server.https_port).get("/login").status == 200
     assert "ERROR unitcert.web.tls: could not load the new state" in server.log()
 
     point_current_at(good_target)
     server.wait_for_log(f"now serving {old_code}", count=2)
-    assert _served_code(server.https_port) == old_code
+    assert served_code(server.https_port) == old_code
 
 
 # --- plain HTTP -------------------------------------------------------------------
@@ -751,7 +674,7 @@ def test_status_page_warns_about_a_copied_state_and_a_failed_reload(
 def test_run_server_reports_a_busy_port_as_input_error(tmp_path: Path) -> None:
     store = StateStore(tmp_path / "state")
     device.init_unit(store)
-    https_port = _free_port()
+    https_port = free_port()
     called = threading.Event()
 
     with socket.socket() as busy:
@@ -769,4 +692,4 @@ def test_run_server_reports_a_busy_port_as_input_error(tmp_path: Path) -> None:
             )
 
     assert not called.is_set()
-    assert not _port_open(https_port)
+    assert not port_open(https_port)
