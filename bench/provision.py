@@ -185,6 +185,7 @@ def new_database(base_url: str) -> str:
 class Window:
     size: int
     rate: float  # units per second over the window ending at ``size``
+    cpu_ms: float  # CPU time of this process per unit over the window
 
 
 def fresh_factory(work: Path, url: str | None) -> tuple[Path, Issuer]:
@@ -198,17 +199,24 @@ def measure_issue(
     issuer: Issuer, csrs: Sequence[tuple[str, bytes]], sizes: Sequence[int], window: int
 ) -> list[Window]:
     """Issue one at a time; the rate over the last ``window`` units before each size."""
-    marks: dict[int, float] = {}
+    marks: dict[int, tuple[float, float]] = {}
     wanted = {s - window for s in sizes} | set(sizes)
     start = time.perf_counter()
+    marks[0] = (start, time.process_time())
     for n, (serial, csr) in enumerate(csrs, start=1):
         issuer.issue(csr, serial)
         if n in wanted:
-            marks[n] = time.perf_counter()
+            marks[n] = (time.perf_counter(), time.process_time())
         if n % 1000 == 0:
             print(f"    issued {n} ({n / (time.perf_counter() - start):.0f}/s)")
-    marks[0] = start
-    return [Window(s, window / (marks[s] - marks[s - window])) for s in sizes]
+    return [
+        Window(
+            s,
+            window / (marks[s][0] - marks[s - window][0]),
+            1000 * (marks[s][1] - marks[s - window][1]) / window,
+        )
+        for s in sizes
+    ]
 
 
 def measure_batch(
@@ -218,13 +226,14 @@ def measure_batch(
     results = []
     for begin in range(0, len(csrs), chunk):
         part = csrs[begin : begin + chunk]
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         outcome = issuer.issue_batch(part)
         elapsed = time.perf_counter() - start
+        cpu_ms = 1000 * (time.process_time() - cpu) / len(part)
         if outcome.refused:
             raise SystemExit(f"the batch refused {outcome.refused[0]}")
         if begin + len(part) in sizes:
-            results.append(Window(begin + len(part), len(part) / elapsed))
+            results.append(Window(begin + len(part), len(part) / elapsed, cpu_ms))
     return results
 
 
@@ -306,9 +315,17 @@ def _machine() -> str:
 
 
 def _verdict(at_small: Window, at_large: Window) -> str:
-    ratio = at_small.rate / at_large.rate
-    met = "met" if ratio <= 1.5 else "NOT met"
-    return f"{ratio:.2f}x ({met})"
+    wall = at_small.rate / at_large.rate
+    cpu = at_large.cpu_ms / at_small.cpu_ms
+    if max(wall, cpu) <= 1.5:
+        met = "met"
+    elif cpu <= 1.5:
+        met = "met in CPU time only"
+    elif wall <= 1.5:
+        met = "met in wall time only"
+    else:
+        met = "NOT met"
+    return f"wall {wall:.2f}x, CPU {cpu:.2f}x ({met})"
 
 
 def main() -> None:
@@ -362,12 +379,13 @@ def main() -> None:
                         rows.append(
                             f"| {key_type} | {backend} | issue | {window.size:,} | "
                             f"{window.rate:.0f} | {1000 / window.rate:.2f} ms | "
+                            f"{window.cpu_ms:.2f} ms | "
                             f"{openssl_rate:.0f} | {window.rate / openssl_rate:.1f}x |"
                         )
                     rows.append(
                         f"| {key_type} | {backend} | issue | cost at "
                         f"{sizes[-1]:,} vs {sizes[0]:,} | | "
-                        f"{_verdict(windows[0], windows[-1])} | | |"
+                        f"{_verdict(windows[0], windows[-1])} | | | |"
                     )
                     url = new_database(pg_url) if backend == "postgresql" else None
                     print(f"{key_type} on {backend}: issue_batch, 1,000 per batch")
@@ -378,11 +396,12 @@ def main() -> None:
                         batch_rows.append(
                             f"| {key_type} | {backend} | {window.size:,} | "
                             f"{window.rate:.0f} | {1000 / window.rate:.2f} ms | "
+                            f"{window.cpu_ms:.2f} ms | "
                             f"{window.rate / openssl_rate:.1f}x |"
                         )
                     batch_rows.append(
                         f"| {key_type} | {backend} | cost at {sizes[-1]:,} vs "
-                        f"{sizes[0]:,} | | {_verdict(batches[0], batches[-1])} | |"
+                        f"{sizes[0]:,} | | {_verdict(batches[0], batches[-1])} | | |"
                     )
         print(f"provision-batch, whole flow, {args.flow_count} p256 units")
         flow_out = args.flow_out or work / "units"
@@ -445,11 +464,13 @@ def render(
             f"transaction. Rate over the {args.window} units before each size. "
             f"OpenSSL: `openssl x509 -req` with the same encrypted issuing key, "
             f"one process per CSR, {args.openssl_count} CSRs, no checks and no "
-            "registry.",
+            "registry. Per unit (CPU) is the CPU time of the benchmark's own "
+            "process (it leaves out the PostgreSQL server's work) and is less "
+            "disturbed by other work on the machine than wall time.",
             "",
-            "| key | registry | path | registered | units/s | per unit | "
-            "OpenSSL units/s | ours / OpenSSL |",
-            "|---|---|---|---:|---:|---:|---:|---:|",
+            "| key | registry | path | registered | units/s | per unit (wall) | "
+            "per unit (CPU) | OpenSSL units/s | ours / OpenSSL |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|",
             *rows,
             "",
             "The CA side of `provision-batch` (`Issuer.issue_batch`, batches of "
@@ -457,8 +478,9 @@ def render(
             "the registry, signing, chunked commits); the rate of the batch that "
             "ends at each size:",
             "",
-            "| key | registry | registered | units/s | per unit | ours / OpenSSL |",
-            "|---|---|---:|---:|---:|---:|",
+            "| key | registry | registered | units/s | per unit (wall) | "
+            "per unit (CPU) | ours / OpenSSL |",
+            "|---|---|---:|---:|---:|---:|---:|",
             *batch_rows,
             "",
             f"Whole `provision-batch` flow, {args.flow_count} p256 units on SQLite "

@@ -456,7 +456,7 @@ class Issuer:
                 if moduli or queued:
                     self.registry.lock_primes(session)
                     added = self._moduli.refresh(session)
-                    if moduli and added != 1:
+                    if moduli and added:
                         self._recheck(items, added)
                     self._moduli.append(session, [m for m in moduli + queued if m])
                 self._write_units(session, items, reissue=reissue)
@@ -473,11 +473,11 @@ class Issuer:
     def _recheck(
         self,
         items: Sequence[tuple[CheckedRequest, x509.Certificate, str, bool]],
-        added: mpz,
+        added: Sequence[mpz],
     ) -> None:
         for request, _, check, new_key in items:
             if check == "clean" and new_key and request.modulus is not None:
-                factor = primes.shared_factor(request.modulus, [added])
+                factor = primes.shared_factor(request.modulus, added)
                 if factor != 1:
                     raise _shared_prime_error(request.serial, None)
 
@@ -726,7 +726,7 @@ class Issuer:
             self._moduli.refresh(session)
         factors = primes.batch_shared_factors(
             [r.modulus for r in rsa_requests if r.modulus is not None],
-            self._moduli.products,
+            [self._moduli.total],
         )
         bad = {r.serial for r, f in zip(rsa_requests, factors, strict=True) if f != 1}
         for serial in sorted(bad):
@@ -763,7 +763,7 @@ class Issuer:
             # The registry's product already holds the queued moduli; take them
             # out so that each is compared with everything else exactly once.
             queued = primes.product(moduli)
-            rest = [primes.product(self._moduli.products) // queued]
+            rest = [self._moduli.total // queued]
             factors = primes.batch_shared_factors(moduli, rest)
             hits = [
                 (row, modulus)

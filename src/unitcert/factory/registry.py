@@ -40,6 +40,7 @@ from sqlalchemy import event, exc, orm
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from unitcert.errors import DuplicateError, RegistryError
+from unitcert.factory import primes
 
 __all__ = [
     "BUCKET_SIZE",
@@ -453,11 +454,14 @@ class ModulusIndex:
     """A process's cache of the registry's bucket products of RSA moduli.
 
     Reading every product once per check would cost a full read of the
-    registry's moduli; the cache reads only buckets whose count changed.
+    registry's moduli; the cache reads only buckets whose count changed. The
+    product of all buckets (:attr:`total`, for batch checks) is made once per
+    process and then kept up to date by multiplication.
     """
 
     def __init__(self) -> None:
         self._buckets: dict[int, tuple[int, mpz]] = {}
+        self._total: mpz | None = None
 
     @property
     def products(self) -> list[mpz]:
@@ -465,20 +469,27 @@ class ModulusIndex:
         return [product for _, product in self._buckets.values()]
 
     @property
+    def total(self) -> mpz:
+        """The product of every registered modulus, as last read."""
+        if self._total is None:
+            self._total = primes.product(self.products)
+        return self._total
+
+    @property
     def bits(self) -> int:
         """The size of all registered moduli together, in bits."""
         return sum(int(p.bit_length()) for _, p in self._buckets.values())
 
-    def refresh(self, session: Session) -> mpz:
-        """Read the buckets that changed; return the product of moduli added since.
+    def refresh(self, session: Session) -> list[mpz]:
+        """Read the buckets that changed; return products of the moduli added since.
 
         The quotient of a bucket's new product by the one cached is exactly the
-        product of the moduli appended since the last refresh.
+        product of the moduli appended to it since the last refresh.
         """
         counts = session.execute(
             sa.select(ModulusBucketRow.bucket, ModulusBucketRow.count)
         ).all()
-        added = mpz(1)
+        added = []
         for bucket, count in counts:
             cached = self._buckets.get(bucket)
             if cached is not None and cached[0] == count:
@@ -489,8 +500,12 @@ class ModulusIndex:
                 )
             ).scalar_one()
             product = _to_mpz(data)
-            added *= product if cached is None else gmpy2.divexact(product, cached[1])
+            added.append(
+                product if cached is None else gmpy2.divexact(product, cached[1])
+            )
             self._buckets[bucket] = (count, product)
+        if added and self._total is not None:
+            self._total *= primes.product(added)
         return added
 
     def append(self, session: Session, moduli: Sequence[int]) -> None:
@@ -522,7 +537,10 @@ class ModulusIndex:
                 row.product = _to_bytes(product)
         session.flush()
         self._buckets.update(changed)
+        if self._total is not None:
+            self._total *= primes.product(moduli)
 
     def forget(self) -> None:
         """Drop the cache (after a rolled-back transaction that appended)."""
         self._buckets.clear()
+        self._total = None
