@@ -2,26 +2,32 @@
 
 For every modulus ``n`` in a set, :func:`batch_gcd` returns
 ``gcd(n, product of all the other moduli)`` in quasi-linear time (Bernstein's
-product tree, then a remainder tree modulo squares, as in Heninger et al.,
-"Mining your Ps and Qs", USENIX Security 2012):
+product tree and remainder tree, as in Heninger et al., "Mining your Ps and
+Qs", USENIX Security 2012):
 
 1. The product tree multiplies the moduli pairwise, level by level, up to
    their product ``P``.
-2. The remainder tree walks back down: each node holds ``P mod node**2``,
-   computed from its parent's remainder, so a leaf holds ``P mod n**2``.
-3. For a leaf, ``(P mod n**2) / n`` is ``(P / n) mod n``, and its GCD with
-   ``n`` is the GCD of ``n`` with the product of the others.
+2. The remainder tree walks back down. The classic tree keeps
+   ``P mod node**2`` at each node; this one keeps the same information at half
+   the size, ``(P / node) mod node`` (which is ``(P mod node**2) / node``),
+   and near the top, where GMP's division is slowest, the scaled form
+   ``frac(P / node**2)`` that needs multiplications only (see the remainder
+   steps below).
+3. At a leaf, ``gcd((P / n) mod n, n)`` is the GCD of ``n`` with the product
+   of the others.
 
-The work is split into groups (one per process, or more when memory is
-bounded). Each group builds its own subtree; its remainders are then taken
-against the product of the *other* groups: with ``r`` the group's product and
-``q`` the others', ``P mod r**2 = r * (q mod r)``. A group needs only its own
-subtree and ``q``, so groups run in separate processes, or on Dask workers
+The work is split into groups (one per process). Each group builds its own
+subtree; its remainders are then taken against the product of the *other*
+groups: with ``r`` the group's product and ``q`` the others',
+``(P / r) mod r = q mod r``. A group needs only its own subtree and ``q``, so
+groups run in separate processes, or on Dask workers
 (:mod:`unitcert.audit.distributed`), with the same results as one tree.
 
-With a memory limit, tree levels are streamed to files in a work directory
-and read back one at a time, as the classic C implementation (fastgcd) does;
-the largest numbers in memory are then the few at the top of the tree.
+In memory, every other level of a group's tree is kept and the others are
+recomputed on the way down. With ``spill``, every level is streamed to a
+file in a work directory and read back one at a time, as the classic C
+implementation (fastgcd) does, so that only the few numbers being worked on
+are in memory.
 
 The result for a modulus is 1 (nothing shared), a proper factor (the prime or
 primes it shares), or the modulus itself (it shares every prime, or it was
@@ -71,6 +77,8 @@ _LENGTH = struct.Struct("<Q")
 # Nodes of at least this many bits are walked with the scaled remainder tree
 # (see _scaled_step): GMP's multiplication beats its division from about here.
 _SCALED_MIN_BITS = 1 << 19
+_SCALED_MAX_BITS = 1 << 40
+_SCALED_MAX_BITS_SPILLED = 1 << 26
 _GUARD_BITS = 64
 # How many nodes a level processes between two progress reports.
 _REPORT_EVERY = 2048
@@ -111,6 +119,17 @@ class _Levels:
             while header := handle.read(_LENGTH.size):
                 (length,) = _LENGTH.unpack(header)
                 yield gmpy2.from_binary(handle.read(length))
+
+    def take(self, name: str) -> Iterator[Any]:
+        """Read a level and release it; in memory, each number as it is read."""
+        if self.directory is None:
+            numbers = self._memory.pop(name)
+            numbers.reverse()
+            while numbers:
+                yield numbers.pop()
+            return
+        yield from self.read(name)
+        self.drop(name)
 
     def has(self, name: str) -> bool:
         if self.directory is None:
@@ -272,8 +291,13 @@ def descend_group_tree(
     levels = tree._levels
     reporter = _Reporter(REMAINDER_STAGE, tree.count, tree.depth, progress)
     root_bits = int(gmpy2.num_digits(tree.root, 2))
+    # Levels whose nodes are too big for the scaled walk's temporaries (the
+    # memory-bounded mode) are walked plainly, as are those too small for it
+    # to pay; see the remainder steps below.
+    largest = _SCALED_MAX_BITS if levels.directory is None else _SCALED_MAX_BITS_SPILLED
     scaled = [
-        level > 0 and root_bits // _level_width(tree.count, level) >= _SCALED_MIN_BITS
+        level > 0
+        and _SCALED_MIN_BITS <= root_bits // _level_width(tree.count, level) <= largest
         for level in range(tree.depth + 1)
     ]
     levels.write(f"rem-{tree.depth}", iter([_top(tree.root, others, scaled[-1])]))
@@ -283,8 +307,8 @@ def descend_group_tree(
             levels.write(f"level-{level}", _products(levels.read(f"level-{level - 1}")))
         step = _scaled_step if scaled[level + 1] else _plain_step
         remainders = step(
-            levels.read(f"rem-{level + 1}"),
-            levels.read(f"level-{level}"),
+            levels.take(f"rem-{level + 1}"),
+            levels.read("level-0") if level == 0 else levels.take(f"level-{level}"),
             keep_scaled=scaled[level],
         )
         width = _level_width(tree.count, level)
@@ -294,10 +318,9 @@ def descend_group_tree(
                 int(gmpy2.gcd(r, n))
                 for r, n in zip(reporter.count(remainders, width), leaves, strict=True)
             ]
+            levels.drop("level-0")
         else:
             levels.write(f"rem-{level}", reporter.count(remainders, width))
-        levels.drop(f"rem-{level + 1}")
-        levels.drop(f"level-{level}")
 
     if tree.depth == 0:
         (remainder,) = levels.read("rem-0")
@@ -347,11 +370,21 @@ def _plain_step(
     for parent, pair in zip(parents, _pairs(nodes), strict=True):
         if len(pair) == 1:
             # An odd node is its own parent: same product, same remainder.
-            yield parent
+            if keep_scaled:
+                bits = _precision(pair[0])
+                yield ((parent << bits) // pair[0]) | (gmpy2.mpz(1) << bits)
+            else:
+                yield parent
             continue
         left, right = pair
-        yield ((parent % left) * (right % left)) % left
-        yield ((parent % right) * (left % right)) % right
+        for node, sibling in ((left, right), (right, left)):
+            remainder = ((parent % node) * (sibling % node)) % node
+            if keep_scaled:
+                # frac(P / node**2) == remainder / node
+                bits = _precision(node)
+                yield ((remainder << bits) // node) | (gmpy2.mpz(1) << bits)
+            else:
+                yield remainder
 
 
 def _scaled_step(
