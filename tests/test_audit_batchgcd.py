@@ -74,11 +74,14 @@ def test_batch_gcd_scaled_remainder_tree_matches_the_definition(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Force the scaled (fixed-point) walk down to small nodes, where an error
-    # in its precision would show.
+    # in its precision would show, and bound it from above, so that the walk
+    # switches from plain to scaled and back.
     rng = random.Random(2)
     moduli = list({rng.getrandbits(300) | 1 for _ in range(777)})
-    for threshold in (1, 700, 5_000):
-        monkeypatch.setattr(batchgcd, "_SCALED_MIN_BITS", threshold)
+    for smallest, largest in ((1, 1 << 40), (700, 1 << 40), (700, 20_000), (1, 5_000)):
+        monkeypatch.setattr(batchgcd, "_SCALED_MIN_BITS", smallest)
+        monkeypatch.setattr(batchgcd, "_SCALED_MAX_BITS", largest)
+        monkeypatch.setattr(batchgcd, "_SCALED_MAX_BITS_SPILLED", largest)
         assert batch_gcd(moduli) == _reference(moduli)
         assert batch_gcd(moduli, spill=True) == _reference(moduli)
 

@@ -189,6 +189,8 @@ def find_duplicate_keys(records: Sequence[KeyRecord]) -> list[Finding]:
         groups.setdefault(_key_identity(record), []).append(record)
     findings = []
     for group in groups.values():
+        if len(group) < 2:
+            continue
         units = _units(group)
         if len(units) < 2:
             continue

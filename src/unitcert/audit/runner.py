@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import math
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -41,9 +40,11 @@ __all__ = ["AuditReport", "AuditSettings", "Cohort", "run_audit"]
 logger = logging.getLogger(__name__)
 
 _CHECK_STAGE = "single-key checks"
-# Bytes per modulus byte for the whole product tree in memory: one copy per
-# level, plus the remainders being computed and Python's object overhead.
-_TREE_OVERHEAD_LEVELS = 6
+# Peak memory of the batch GCD per byte of moduli, all processes together, as
+# measured by bench/batchgcd.py at 1,000,000 RSA-2048 moduli: with the tree in
+# memory, and with its levels on disk (the top numbers and GMP's scratch).
+_IN_MEMORY_FACTOR = 32
+_SPILLED_FACTOR = 16
 
 
 @dataclass(frozen=True)
@@ -157,14 +158,13 @@ def _spill(moduli: Sequence[int], settings: AuditSettings) -> bool:
     if settings.memory_limit is None or not moduli:
         return False
     total = sum((n.bit_length() + 7) // 8 for n in moduli)
-    depth = math.ceil(math.log2(max(2, len(moduli))))
-    in_memory = total * (depth + _TREE_OVERHEAD_LEVELS)
-    top = total * _TREE_OVERHEAD_LEVELS
-    if top > settings.memory_limit:
+    in_memory = total * _IN_MEMORY_FACTOR
+    spilled = total * _SPILLED_FACTOR
+    if spilled > settings.memory_limit:
         logger.warning(
             "the top of the batch GCD tree needs about %.1f GiB, above the memory "
             "limit of %.1f GiB; running with tree levels on disk anyway",
-            top / 2**30,
+            spilled / 2**30,
             settings.memory_limit / 2**30,
         )
     return in_memory > settings.memory_limit
@@ -209,9 +209,10 @@ def _shared_factors(
 
 
 def _cohorts(
-    records: Sequence[KeyRecord], findings: Sequence[Finding]
+    records: Sequence[KeyRecord],
+    units: Sequence[Sequence[KeyRecord]],
+    findings: Sequence[Finding],
 ) -> tuple[tuple[Cohort, ...], str]:
-    units = distinct_units(records)
     by_batch = any(r.batch for r in records)
     affected = {u.name for f in findings for u in f.units}
     totals: Counter[str] = Counter()
@@ -293,7 +294,7 @@ def run_audit(
     findings.sort(key=lambda f: (order.get(f.kind, len(order)), f.units[0].name))
     units = distinct_units(records)
     key_types = Counter(group[0].key_type for group in units)
-    cohorts, cohort_kind = _cohorts(records, findings)
+    cohorts, cohort_kind = _cohorts(records, units, findings)
     return AuditReport(
         findings=tuple(findings),
         problems=tuple(problems),

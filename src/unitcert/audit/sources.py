@@ -49,10 +49,12 @@ __all__ = [
     "DEFAULT_CONCURRENCY",
     "DEFAULT_TIMEOUT",
     "FileSource",
+    "HostAddress",
     "HostSource",
     "KeyRecord",
     "Source",
     "SourceProblem",
+    "cert_record",
     "key_record",
     "read_hosts_file",
 ]
