@@ -76,8 +76,12 @@ REMAINDER_STAGE = "remainder tree"
 _LENGTH = struct.Struct("<Q")
 # Nodes of at least this many bits are walked with the scaled remainder tree
 # (see _scaled_step): GMP's multiplication beats its division from about here.
+# Above the upper bound the walk stays plain: the switch to scaled costs one
+# division of three times the node's size, whose scratch space is the peak of
+# the whole run (bench/batchgcd.py: 8.3 GiB at 1,000,000 moduli without the
+# bound), so it is made where nodes are smaller; more so with levels on disk.
 _SCALED_MIN_BITS = 1 << 19
-_SCALED_MAX_BITS = 1 << 40
+_SCALED_MAX_BITS = 1 << 29
 _SCALED_MAX_BITS_SPILLED = 1 << 26
 _GUARD_BITS = 64
 # How many nodes a level processes between two progress reports.
