@@ -40,13 +40,24 @@ from test_factory_support import (
 from unitcert import certs, device, keys
 from unitcert.cli import run
 from unitcert.code import code_for_spki, spki_from_cert_der
-from unitcert.errors import DuplicateError, InputError, KeyMismatchError, WeakKeyError
+from unitcert.errors import (
+    DuplicateError,
+    InputError,
+    KeyMismatchError,
+    StateError,
+    WeakKeyError,
+)
 from unitcert.factory import ca as factory_ca
 from unitcert.factory import provision
 from unitcert.factory.issue import Issuer
 from unitcert.factory.provision import batch_serials, provision_batch, provision_unit
 from unitcert.factory.registry import Registry, default_url
-from unitcert.factory.unit import install_factory_identity, make_identity_csr
+from unitcert.factory.unit import (
+    install_factory_identity,
+    make_identity_csr,
+    new_station_unit,
+    write_station_unit,
+)
 from unitcert.store import Part, StateStore
 
 UNITCERT = [sys.executable, "-m", "unitcert"]
@@ -718,10 +729,10 @@ def test_provision_batch_provisions_units_each_in_its_own_state(
     assert not (tmp_path / "again").exists()
 
 
-def test_provision_batch_spreads_a_large_batch_over_processes(
+def test_provision_batch_reports_each_phase_and_keeps_the_serials_order(
     factory: Factory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(provision, "_PROCESS_MIN", 4)
+    monkeypatch.setattr(provision, "_CHUNK", 3)
     phases: list[str] = []
 
     result = provision_batch(
@@ -742,6 +753,92 @@ def test_provision_batch_spreads_a_large_batch_over_processes(
         assert loaded.source == "factory" and loaded.info.code == unit.code
         assert loaded.meta.binding == device.Binding("serial", unit.serial)
     assert phases.count("keys") == 4 and phases.count("install") == 4
+
+
+def _station_unit(factory: Factory, tmp_path: Path, serial: str) -> StateStore:
+    made = new_station_unit(
+        serial, product="router", domain="example.com", key_type=keys.KeyType.P256
+    )
+    issued = factory.issuer.issue(made.csr_pem, serial)
+    store = StateStore(tmp_path / serial)
+    write_station_unit(store, made, issued.chain_pem, setup_credential="AAAA-BBBB")
+    return store
+
+
+def test_station_state_is_two_commits_of_private_files_with_the_factory_chain(
+    factory: Factory, tmp_path: Path
+) -> None:
+    store = _station_unit(factory, tmp_path, "st1")
+
+    unit = device.load_unit(store)
+    assert unit.source == "factory" and unit.meta.source == "factory"
+    assert unit.meta.binding == device.Binding("serial", "st1")
+    chain = x509.load_pem_x509_certificates(unit.chain_path.read_bytes())
+    assert len(chain) == 2 and chain[0].issuer == chain[1].subject
+    chain[0].verify_directly_issued_by(chain[1])
+    assert not unit.info.self_signed
+    assert unit.admin is not None and unit.admin.setup == "AAAA-BBBB"
+    identity = store.current(Part.IDENTITY)
+    assert identity is not None
+    assert sorted(identity.files()) == [
+        "cert.pem",
+        "key.pem",
+        "meta.json",
+        "setup-credential",
+    ]
+    assert len(store.generations(Part.IDENTITY)) == 1
+    assert len(store.generations(Part.LOCAL)) == 1
+    for path in store.root.rglob("*"):
+        if path.is_symlink():
+            continue
+        mode = path.stat().st_mode & 0o777
+        assert mode == (0o700 if path.is_dir() else 0o600), path
+    assert store.root.stat().st_mode & 0o777 == 0o700
+
+
+def test_station_state_keeps_its_factory_identity_through_a_reset(
+    factory: Factory, tmp_path: Path
+) -> None:
+    store = _station_unit(factory, tmp_path, "st2")
+    before = device.load_unit(store)
+
+    reset = device.reset_unit(store, entropy_timeout=1)
+
+    assert not reset.created
+    assert reset.unit.source == "factory" and reset.unit.info.code == before.info.code
+    assert reset.unit.admin is not None and reset.unit.admin.setup == "AAAA-BBBB"
+
+
+def test_station_state_is_adopted_by_the_unit_on_its_first_start(
+    factory: Factory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = _station_unit(factory, tmp_path, "st3")
+    code = device.load_unit(store).info.code
+    monkeypatch.setenv("UNITCERT_MACHINE_ID", "the-unit-itself")
+
+    started = device.start_unit(store, entropy_timeout=1)
+
+    assert not started.created
+    assert started.unit.meta.binding.kind == "machine-id"
+    assert started.unit.source == "factory" and started.unit.info.code == code
+    assert "bound the state to this machine" in started.notes
+
+
+def test_station_state_refuses_another_units_chain_and_an_existing_state(
+    factory: Factory, tmp_path: Path
+) -> None:
+    store = _station_unit(factory, tmp_path, "st4")
+    other = new_station_unit(
+        "st5", product="router", domain="example.com", key_type=keys.KeyType.P256
+    )
+    wrong = factory.issuer.issue(csr_pem(ec_key(), "st5"), "st5").chain_pem
+
+    with pytest.raises(KeyMismatchError):
+        write_station_unit(StateStore(tmp_path / "st5"), other, wrong)
+    assert not (tmp_path / "st5").exists()
+    with pytest.raises(StateError, match="already holds a unit"):
+        write_station_unit(store, other, None)
+    assert device.load_unit(store).source == "factory"
 
 
 def test_provision_batch_of_rsa_units_checks_their_moduli(

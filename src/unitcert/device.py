@@ -44,6 +44,7 @@ __all__ = [
     "reset_unit",
     "save_admin_credential",
     "start_unit",
+    "write_station_state",
 ]
 
 logger = logging.getLogger(__name__)
@@ -64,6 +65,8 @@ META_FILE = "meta.json"
 # certificate is expired (the sticker code stays true).
 FALLBACK_FILE = "fallback.pem"
 ADMIN_FILE = "admin.json"
+# A setup credential printed on the sticker (factory units), in the identity part.
+_SETUP_CREDENTIAL_FILE = "setup-credential"
 # The owner's choice of what to serve, in the local part; absent means the identity.
 SOURCE_FILE = "source"
 # Certificates the owner adds live in the local part: source -> (key, chain).
@@ -731,6 +734,89 @@ def init_unit(
         unit = load_unit(store)
         _ensure_admin(store, unit.meta)
         return InitResult(load_unit(store), created=True)
+
+
+def write_station_state(
+    store: StateStore,
+    *,
+    key: keys.PrivateKey,
+    chain_pem: bytes,
+    meta: IdentityMeta,
+    setup_credential: str | None = None,
+) -> Unit:
+    """Write a new unit's whole state on a factory station, in two commits.
+
+    One identity commit holds the key (made with
+    :func:`unitcert.keys.generate_checked_key`), the chain (leaf first), the
+    identity record and the setup credential printed on the sticker; one
+    local commit holds the admin credential. The state must bind to the
+    serial (the unit adopts it on its first start). The caller has checked
+    the chain (a factory chain is checked by the CA that issued it); this
+    checks that its leaf is for ``key`` before writing, and reads the key and
+    leaf back once afterwards.
+
+    Args:
+        store: the unit's state; it must hold no identity yet.
+        key: the unit's identity key.
+        chain_pem: the certificate chain to serve, leaf first.
+        meta: the identity's facts (``binding`` of kind ``serial``).
+        setup_credential: the printed setup credential, kept in the identity
+            so that a factory reset brings it back; None makes a new one in
+            the local part only.
+
+    Returns:
+        The unit as loaded afterwards.
+
+    Raises:
+        ValueError: ``meta`` is not bound to its serial, or the chain is
+            unreadable.
+        StateError: the state already holds a unit, or what was written does
+            not read back.
+        KeyMismatchError: the chain's leaf is not for ``key`` (nothing is
+            written).
+    """
+    if meta.binding != Binding("serial", meta.serial):
+        raise ValueError("a station writes states bound to the unit's serial")
+    leaf = x509.load_pem_x509_certificate(chain_pem)
+    key_spki = _spki(key.public_key())
+    if key_spki != _spki(leaf.public_key()):
+        cert_code = str(certs.cert_info(leaf).code)
+        key_code = str(code_for_spki(key_spki))
+        raise KeyMismatchError(
+            f"the certificate's key ({cert_code}) is not the unit's key "
+            f"({key_code}): write the chain issued for this unit's own CSR",
+            cert_code=cert_code,
+            key_code=key_code,
+        )
+    identity = _identity_files(key, chain_pem, meta)
+    if setup_credential is not None:
+        identity[_SETUP_CREDENTIAL_FILE] = setup_credential.encode("utf-8") + b"\n"
+    admin = AdminCredential(setup=setup_credential or new_setup_credential())
+    store.create()
+    with store.lock():
+        if store.generations(Part.IDENTITY) or store.generations(Part.LOCAL):
+            raise StateError(
+                f"the state at {store.root} already holds a unit: give an empty "
+                "state directory"
+            )
+        written = store.commit(Part.IDENTITY, identity)
+        # The one check of what was written: the stored key and leaf match.
+        served = _read_served(written, meta.source, KEY_FILE, CERT_FILE)
+        store.commit(Part.LOCAL, {ADMIN_FILE: admin.to_json()})
+    logger.info("wrote the %s identity of %s", meta.source, meta.hostname)
+    return Unit(
+        meta=meta,
+        identity=written,
+        key_path=served.key_path,
+        chain_path=served.chain_path,
+        cert=served.cert,
+        info=served.info,
+        source=served.source,
+        admin=admin,
+        generation=store.generation(),
+        binding_ok=True,
+        identity_info=served.info,
+    )
 
 
 def _has_admin(store: StateStore) -> bool:

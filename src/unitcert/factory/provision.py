@@ -1,34 +1,37 @@
 """The station flows: provision one unit, or a batch of simulated units.
 
-A station that can reach a unit's state runs the unit's steps itself: it
-makes the identity with :func:`unitcert.device.init_unit` (bound to the
-serial, which the unit adopts on its first start), has the unit make its CSR,
-issues it, installs the chain and prints the sticker. The key is made in the
-unit's state and never copied anywhere else.
+A station that can reach a unit's state runs the unit's steps itself. For a
+new state it makes the unit's key (entropy gate, self-check) and CSR in
+memory, issues it, and writes the whole state at once with
+:func:`unitcert.device.write_station_state`: one identity commit (key, chain,
+record bound to the serial, which the unit adopts on its first start, and the
+printed setup credential) and one local commit (the admin credential). The
+key is written only into the unit's state, never anywhere else. A state that
+already holds a unit (it has booted) keeps its key: the unit makes its CSR
+and installs the chain as on the unit itself.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
-import os
 from collections.abc import Callable, Sequence
-from concurrent.futures import (
-    Executor,
-    ProcessPoolExecutor,
-    ThreadPoolExecutor,
-    as_completed,
-)
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from multiprocessing import get_context
 from pathlib import Path
 from typing import TypeVar
 
 from unitcert import device, keys
 from unitcert.code import FingerprintCode
+from unitcert.credential import new_setup_credential
 from unitcert.errors import DuplicateError, InputError, UnitcertError
 from unitcert.factory.issue import Issuer
-from unitcert.factory.unit import install_factory_identity, make_identity_csr
+from unitcert.factory.unit import (
+    StationUnit,
+    install_factory_identity,
+    make_identity_csr,
+    new_station_unit,
+    write_station_unit,
+)
 from unitcert.store import StateStore
 
 __all__ = [
@@ -44,8 +47,6 @@ logger = logging.getLogger(__name__)
 # The units' steps of a batch run in chunks, each in this many threads.
 _THREADS = 4
 _CHUNK = 50
-# Below this many units, starting worker processes costs more than it saves.
-_PROCESS_MIN = 200
 _T = TypeVar("_T")
 _R = TypeVar("_R")
 
@@ -103,7 +104,7 @@ def _make_unit(
     entropy_timeout: float,
     generator: Callable[[keys.KeyType], keys.PrivateKey],
 ) -> tuple[StateStore, device.InitResult, bytes]:
-    """The unit's own steps: make its identity (station-bound) and its CSR.
+    """The unit's own steps on an existing state: its identity and its CSR.
 
     Raises:
         InputError: the unit is already factory-provisioned.
@@ -131,6 +132,11 @@ def _make_unit(
 def _setup_credential(result: device.InitResult) -> str | None:
     admin = result.unit.admin
     return admin.setup if admin is not None and admin.must_change else None
+
+
+def _has_state(state_dir: Path) -> bool:
+    """Say whether ``state_dir`` holds anything of a unit's state."""
+    return state_dir.exists() and any(state_dir.iterdir())
 
 
 def provision_unit(
@@ -166,18 +172,36 @@ def provision_unit(
             serial=serial,
         )
 
-    store, result, csr = _make_unit(
-        state_dir,
-        serial,
-        product=issuer.ca.config.product,
-        domain=issuer.ca.config.domain,
-        key_type=key_type,
-        entropy_timeout=entropy_timeout,
-        generator=generator,
-    )
-    issued = issuer.issue(csr, serial, validity_days=validity_days)
-    setup = _setup_credential(result)
-    unit = install_factory_identity(store, issued.chain_pem, setup_credential=setup)
+    config = issuer.ca.config
+    if _has_state(state_dir):
+        # A unit that has booted already: it keeps its key and makes the CSR.
+        store, result, csr = _make_unit(
+            state_dir,
+            serial,
+            product=config.product,
+            domain=config.domain,
+            key_type=key_type,
+            entropy_timeout=entropy_timeout,
+            generator=generator,
+        )
+        issued = issuer.issue(csr, serial, validity_days=validity_days)
+        setup = _setup_credential(result)
+        unit = install_factory_identity(store, issued.chain_pem, setup_credential=setup)
+    else:
+        # A new state: the key is made now and written once, with its chain.
+        made = new_station_unit(
+            serial,
+            product=config.product,
+            domain=config.domain,
+            key_type=key_type,
+            entropy_timeout=entropy_timeout,
+            generator=generator,
+        )
+        issued = issuer.issue(made.csr_pem, serial, validity_days=validity_days)
+        setup = new_setup_credential()
+        unit = write_station_unit(
+            StateStore(state_dir), made, issued.chain_pem, setup_credential=setup
+        )
 
     if label_path is not None:
         from unitcert.label import Label, write_label
@@ -196,110 +220,95 @@ def provision_unit(
 
 @dataclass(frozen=True)
 class _UnitJob:
-    """What a worker needs to make one simulated unit (picklable)."""
+    """What the station needs to make one simulated unit."""
 
-    state_dir: Path
     serial: str
     product: str
     domain: str
-    key_type: str
+    key_type: keys.KeyType
     entropy_timeout: float
 
 
 def _in_threads(function: Callable[[_T], _R], items: Sequence[_T]) -> list[_R]:
-    # The units' steps wait on fsync, which releases the GIL: threads overlap it.
+    # The units' writes wait on fsync, which releases the GIL: threads overlap it.
     with ThreadPoolExecutor(_THREADS) as pool:
         return list(pool.map(function, items))
 
 
+def _in_chunks(
+    function: Callable[[_T], _R],
+    items: Sequence[_T],
+    progress: Callable[[int], None],
+) -> list[_R]:
+    """Run ``function`` over ``items`` in threads, a chunk at a time, in order."""
+    results: list[_R] = []
+    for start in range(0, len(items), _CHUNK):
+        done = _in_threads(function, items[start : start + _CHUNK])
+        results.extend(done)
+        progress(len(done))
+    return results
+
+
 def _make_units(
     jobs: Sequence[_UnitJob],
-    generator: Callable[[keys.KeyType], keys.PrivateKey] = keys.generate_key,
-) -> list[tuple[str, bytes, str | None]]:
-    """The units' own steps for a chunk: identity (serial-bound) and CSR.
-
-    Returns ``(serial, csr_pem, setup_credential)`` for each unit.
+    generator: Callable[[keys.KeyType], keys.PrivateKey],
+    progress: Callable[[int], None],
+) -> list[StationUnit]:
+    """The units' keys (entropy gate, self-check) and CSRs, in memory only.
 
     Raises:
-        InputError: a unit could not be made (the error names it); errors are
-            plain so that they cross a process boundary.
+        InputError: a unit could not be made (the error names it).
     """
 
-    def make(job: _UnitJob) -> tuple[str, bytes, str | None]:
+    def make(job: _UnitJob) -> StationUnit:
         try:
-            _, result, csr = _make_unit(
-                job.state_dir,
+            return new_station_unit(
                 job.serial,
                 product=job.product,
                 domain=job.domain,
-                key_type=keys.KeyType.parse(job.key_type),
+                key_type=job.key_type,
                 entropy_timeout=job.entropy_timeout,
                 generator=generator,
             )
         except UnitcertError as error:
             raise InputError(f"unit {job.serial}: {error}") from None
-        return job.serial, csr, _setup_credential(result)
 
-    return _in_threads(make, jobs)
+    return _in_chunks(make, jobs, progress)
 
 
-def _install_units(
-    items: Sequence[tuple[Path, str, bytes, str | None]],
-) -> list[ProvisionedUnit]:
-    """The units install their chains: ``(state_dir, serial, chain, setup)`` each.
+def _write_units(
+    items: Sequence[tuple[Path, StationUnit, bytes | None]],
+    progress: Callable[[int], None],
+) -> list[ProvisionedUnit | None]:
+    """Write each unit's whole state: ``(state_dir, unit, chain)`` each; a None
+    chain (refused by the CA) gives a self-signed identity.
+
+    Returns:
+        The provisioned unit, or None for a refused one, in item order.
 
     Raises:
-        InputError: a unit could not install its chain (the error names it).
+        InputError: a unit's state could not be written (the error names it).
     """
 
-    def install(item: tuple[Path, str, bytes, str | None]) -> ProvisionedUnit:
-        state_dir, serial, chain_pem, setup = item
+    def write(item: tuple[Path, StationUnit, bytes | None]) -> ProvisionedUnit | None:
+        state_dir, made, chain_pem = item
+        setup = new_setup_credential() if chain_pem is not None else None
         try:
-            unit = install_factory_identity(
-                StateStore(state_dir), chain_pem, setup_credential=setup
+            unit = write_station_unit(
+                StateStore(state_dir), made, chain_pem, setup_credential=setup
             )
         except UnitcertError as error:
-            raise InputError(f"unit {serial}: {error}") from None
+            raise InputError(f"unit {made.meta.serial}: {error}") from None
+        if chain_pem is None:
+            return None
         return ProvisionedUnit(
-            serial=serial,
+            serial=made.meta.serial,
             hostname=unit.meta.hostname,
             code=unit.info.code,
             state_dir=state_dir,
         )
 
-    return _in_threads(install, items)
-
-
-def _executor(
-    count: int, generator: Callable[[keys.KeyType], keys.PrivateKey]
-) -> Executor:
-    """One process per core for large batches, else this process.
-
-    Each chunk runs its units in threads (fsync waits overlap); processes
-    spread the Python work over the cores. They start with ``spawn``: forking
-    a process that runs threads (a progress bar) can hang, and a custom key
-    generator (a test seam) cannot cross to another process.
-    """
-    if generator is keys.generate_key and count >= _PROCESS_MIN:
-        workers = max(2, os.cpu_count() or 1)
-        return ProcessPoolExecutor(workers, mp_context=get_context("spawn"))
-    return ThreadPoolExecutor(1)
-
-
-def _run_chunks(
-    pool: Executor,
-    work: Callable[[Sequence[_T]], list[_R]],
-    items: Sequence[_T],
-    progress: Callable[[int], None],
-) -> list[_R]:
-    """Run ``work`` over chunks of ``items`` in ``pool``; results in item order."""
-    chunks = [items[i : i + _CHUNK] for i in range(0, len(items), _CHUNK)]
-    futures = {pool.submit(work, chunk): n for n, chunk in enumerate(chunks)}
-    results: list[list[_R]] = [[] for _ in chunks]
-    for future in as_completed(futures):
-        results[futures[future]] = future.result()
-        progress(len(results[futures[future]]))
-    return [result for chunk in results for result in chunk]
+    return _in_chunks(write, items, progress)
 
 
 def batch_serials(prefix: str, count: int, *, start: int = 1) -> list[str]:
@@ -330,9 +339,11 @@ def provision_batch(
 ) -> BatchResult:
     """Provision simulated units, each in ``out_dir/<serial>``.
 
-    The units make their keys and CSRs; the CA checks every CSR, checks all
-    RSA moduli at once with a product tree against the registry, signs and
-    registers in chunks; then each unit installs its chain.
+    The units' keys and CSRs are made in memory; the CA checks every CSR,
+    checks all RSA moduli at once with a product tree against the registry,
+    signs and registers in chunks; then each unit's whole state is written
+    (two commits). A unit the CA refused gets a self-signed identity for its
+    key, as if it had booted unprovisioned.
 
     Args:
         issuer: the factory's issuer.
@@ -370,32 +381,20 @@ def provision_batch(
 
     config = issuer.ca.config
     jobs = [
-        _UnitJob(
-            out_dir / serial,
-            serial,
-            config.product,
-            config.domain,
-            key_type.value,
-            entropy_timeout,
-        )
+        _UnitJob(serial, config.product, config.domain, key_type, entropy_timeout)
         for serial in serials
     ]
-    with _executor(len(jobs), generator) as pool:
-        made = _run_chunks(
-            pool,
-            functools.partial(_make_units, generator=generator),
-            jobs,
-            report("keys"),
-        )
-        outcome = issuer.issue_batch(
-            [(serial, csr) for serial, csr, _ in made],
-            validity_days=validity_days,
-            on_progress=report("issue"),
-        )
-        setups = {serial: setup for serial, _, setup in made}
-        installs = [
-            (out_dir / i.serial, i.serial, i.chain_pem, setups[i.serial])
-            for i in outcome.issued
-        ]
-        provisioned = _run_chunks(pool, _install_units, installs, report("install"))
+    made = _make_units(jobs, generator, report("keys"))
+    outcome = issuer.issue_batch(
+        [(unit.meta.serial, unit.csr_pem) for unit in made],
+        validity_days=validity_days,
+        on_progress=report("issue"),
+    )
+    chains: dict[str, bytes | None] = {i.serial: i.chain_pem for i in outcome.issued}
+    writes = [
+        (out_dir / unit.meta.serial, unit, chains.get(unit.meta.serial))
+        for unit in made
+    ]
+    written = _write_units(writes, report("install"))
+    provisioned = [unit for unit in written if unit is not None]
     return BatchResult(tuple(provisioned), outcome.refused, outcome.flagged)

@@ -11,7 +11,8 @@ from __future__ import annotations
 import datetime as dt
 import itertools
 import logging
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -23,17 +24,22 @@ from unitcert.device import (
     CERT_FILE,
     KEY_FILE,
     META_FILE,
+    Binding,
     IdentityMeta,
     Unit,
     load_unit,
+    write_station_state,
 )
 from unitcert.errors import InputError, KeyMismatchError, StateError
 from unitcert.store import Part, StateStore
 
 __all__ = [
     "SETUP_CREDENTIAL_FILE",
+    "StationUnit",
     "install_factory_identity",
     "make_identity_csr",
+    "new_station_unit",
+    "write_station_unit",
 ]
 
 logger = logging.getLogger(__name__)
@@ -181,3 +187,100 @@ def install_factory_identity(
         chain[1].subject.rfc4514_string(),
     )
     return load_unit(store)
+
+
+@dataclass(frozen=True)
+class StationUnit:
+    """A unit being made on a station: its key and CSR, before its state exists.
+
+    Attributes:
+        key: the unit's identity key (checked; it goes only into its state).
+        meta: the identity's facts, bound to the serial.
+        csr_pem: the CSR for the key and the unit's name, PEM.
+    """
+
+    key: keys.PrivateKey
+    meta: IdentityMeta
+    csr_pem: bytes
+
+
+def new_station_unit(
+    serial: str,
+    *,
+    product: str,
+    domain: str,
+    key_type: keys.KeyType,
+    entropy_timeout: float = keys.DEFAULT_ENTROPY_TIMEOUT,
+    generator: Callable[[keys.KeyType], keys.PrivateKey] = keys.generate_key,
+) -> StationUnit:
+    """Make a unit's key behind the entropy gate, self-check it, and make its CSR.
+
+    The CSR is the one :func:`make_identity_csr` makes for the same identity.
+
+    Raises:
+        EntropyError: the random pool never became ready (no key is made).
+        WeakKeyError: the key generator keeps making weak keys.
+    """
+    key = keys.generate_checked_key(
+        key_type, entropy_timeout=entropy_timeout, generator=generator
+    )
+    meta = IdentityMeta(
+        source="self",
+        serial=serial,
+        product=product,
+        domain=domain,
+        key_type=key_type.value,
+        binding=Binding("serial", serial),
+        created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    )
+    csr = certs.build_csr(key, [meta.hostname], serial_number=serial)
+    return StationUnit(key, meta, csr.public_bytes(serialization.Encoding.PEM))
+
+
+def write_station_unit(
+    store: StateStore,
+    unit: StationUnit,
+    chain_pem: bytes | None,
+    *,
+    setup_credential: str | None = None,
+) -> Unit:
+    """Write a station unit's whole state: its factory identity, or a self-signed
+    one when ``chain_pem`` is None (the CA refused it).
+
+    The chain is checked as :func:`install_factory_identity` checks it (key,
+    order, signatures, name, expiry) before anything is written.
+
+    Raises:
+        InputError: the chain is unreadable, broken, expired, or for another unit.
+        KeyMismatchError: the certificate's key is not the unit's key.
+        StateError: the state already holds a unit.
+    """
+    meta = unit.meta
+    if chain_pem is None:
+        cert = certs.build_self_signed(
+            unit.key, [meta.hostname], serial_number=meta.serial
+        )
+        stored = certs.pem_chain([cert])
+    else:
+        chain = certs.load_pem_chain(chain_pem)
+        key_spki = unit.key.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        if chain and _spki(chain[0]) != key_spki:
+            cert_code = str(code_for_spki(_spki(chain[0])))
+            key_code = str(code_for_spki(key_spki))
+            raise KeyMismatchError(
+                f"the certificate's key ({cert_code}) is not this unit's identity key "
+                f"({key_code}): install the chain issued for this unit's own CSR",
+                cert_code=cert_code,
+                key_code=key_code,
+            )
+        stored = certs.pem_chain(_check_chain(chain, meta.hostname))
+        meta = replace(meta, source="factory")
+    return write_station_state(
+        store,
+        key=unit.key,
+        chain_pem=stored,
+        meta=meta,
+        setup_credential=setup_credential,
+    )
