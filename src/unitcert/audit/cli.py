@@ -216,7 +216,8 @@ def audit(
             write_html(report, html_out)
     except UnitcertError as exc:
         logger.debug("audit failed", exc_info=True)
-        click.echo(f"unitcert: error: {exc}", err=True)
+        # One line, even when a driver's message spans several.
+        click.echo(f"unitcert: error: {' '.join(str(exc).split())}", err=True)
         ctx.exit(EXIT_ERROR)
 
     print_summary(report)
