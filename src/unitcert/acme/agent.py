@@ -846,13 +846,16 @@ async def run_agent(
     while True:
         current = store.watch_token()
         if current != token or loop.time() >= wake_at:
+            # The token is taken before the step reads the state: a request
+            # committed while the step runs is then a change for the next turn,
+            # not lost until the next planned wake-up.
+            token = current
             try:
                 due = await _in_daemon_thread(agent.run_once)
             except Exception as exc:
                 logger.error("the ACME agent failed: %s", exc)
                 logger.debug("ACME agent failure", exc_info=True)
                 due = None
-            token = store.watch_token()
             delay = _LONGEST_SLEEP
             if due is not None:
                 delay = min(max((due - _now()).total_seconds(), 0.0), delay)
