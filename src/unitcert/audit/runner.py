@@ -43,8 +43,8 @@ _CHECK_STAGE = "single-key checks"
 # Peak memory of the batch GCD per byte of moduli, all processes together, as
 # measured by bench/batchgcd.py at 1,000,000 RSA-2048 moduli: with the tree in
 # memory, and with its levels on disk (the top numbers and GMP's scratch).
-_IN_MEMORY_FACTOR = 32
-_SPILLED_FACTOR = 16
+_IN_MEMORY_FACTOR = 26
+_SPILLED_FACTOR = 12
 
 
 @dataclass(frozen=True)
