@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from unitcert.code import FingerprintCode, code_for_spki, spki_from_cert_der, spki_pin
@@ -30,6 +31,7 @@ __all__ = [
     "cert_info",
     "load_pem_chain",
     "pem_chain",
+    "tls_server_builder",
 ]
 
 MAX_VALIDITY = dt.timedelta(days=825)
@@ -71,6 +73,70 @@ def _subject(name: str, serial_number: str | None) -> x509.Name:
     return x509.Name(attributes)
 
 
+def tls_server_builder(
+    *,
+    subject: x509.Name,
+    issuer: x509.Name,
+    public_key: CertificatePublicKeyTypes,
+    names: Sequence[str],
+    issuer_key_id: x509.SubjectKeyIdentifier,
+    now: dt.datetime,
+    validity: dt.timedelta,
+) -> x509.CertificateBuilder:
+    """The one profile of every TLS server certificate unitcert signs.
+
+    Names in subjectAltName, basicConstraints CA:FALSE, keyUsage for the key's
+    type, extendedKeyUsage serverAuth, SKID and AKID, a random serial of 159
+    bits, backdated an hour for clients whose clock is a little behind.
+
+    Raises:
+        ValueError: no names, or a validity over 825 days.
+    """
+    if not names:
+        raise ValueError("a certificate needs at least one name")
+    if validity > MAX_VALIDITY:
+        raise ValueError("validity must be at most 825 days")
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - _BACKDATE)
+        .not_valid_after(now - _BACKDATE + validity)
+        .add_extension(
+            x509.SubjectAlternativeName(_general_names(names)), critical=False
+        )
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=isinstance(public_key, rsa.RSAPublicKey),
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
+        )
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(
+                issuer_key_id
+            ),
+            critical=False,
+        )
+    )
+
+
 def build_self_signed(
     key: PrivateKey,
     names: Sequence[str],
@@ -93,47 +159,18 @@ def build_self_signed(
     """
     if not names:
         raise ValueError("a certificate needs at least one name")
-    if validity > MAX_VALIDITY:
-        raise ValueError("validity must be at most 825 days")
     now = now or dt.datetime.now(dt.UTC)
     subject = _subject(names[0], serial_number)
     public_key = key.public_key()
-    key_usage_encipher = isinstance(key, rsa.RSAPrivateKey)
     ski = x509.SubjectKeyIdentifier.from_public_key(public_key)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(public_key)
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - _BACKDATE)
-        .not_valid_after(now - _BACKDATE + validity)
-        .add_extension(
-            x509.SubjectAlternativeName(_general_names(names)), critical=False
-        )
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=key_usage_encipher,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
-        )
-        .add_extension(ski, critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski),
-            critical=False,
-        )
+    builder = tls_server_builder(
+        subject=subject,
+        issuer=subject,
+        public_key=public_key,
+        names=names,
+        issuer_key_id=ski,
+        now=now,
+        validity=validity,
     )
     return builder.sign(key, _hash_for(key))
 

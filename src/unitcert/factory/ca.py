@@ -35,7 +35,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import NameOID
 
 from unitcert import certs, keys, quality
 from unitcert.device import check_label
@@ -505,48 +505,20 @@ def build_unit_cert(
     issuer_ski = ca.issuing_cert.extensions.get_extension_for_class(
         x509.SubjectKeyIdentifier
     ).value
-    encipher = isinstance(public_key, rsa.RSAPublicKey)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(
-            x509.Name(
-                [
-                    x509.NameAttribute(NameOID.SERIAL_NUMBER, serial),
-                    x509.NameAttribute(NameOID.COMMON_NAME, hostname),
-                ]
-            )
-        )
-        .issuer_name(ca.issuing_cert.subject)
-        .public_key(public_key)
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - _BACKDATE)
-        .not_valid_after(now - _BACKDATE + validity)
-        .add_extension(
-            x509.SubjectAlternativeName([x509.DNSName(hostname)]), critical=False
-        )
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=encipher,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(issuer_ski),
-            critical=False,
-        )
+    subject = x509.Name(
+        [
+            x509.NameAttribute(NameOID.SERIAL_NUMBER, serial),
+            x509.NameAttribute(NameOID.COMMON_NAME, hostname),
+        ]
+    )
+    builder = certs.tls_server_builder(
+        subject=subject,
+        issuer=ca.issuing_cert.subject,
+        public_key=public_key,
+        names=[hostname],
+        issuer_key_id=issuer_ski,
+        now=now,
+        validity=validity,
     )
     return builder.sign(signer, _hash_for(signer))
 
