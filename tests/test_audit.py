@@ -637,3 +637,47 @@ def test_audit_exits_two_for_a_folder_without_a_registry(tmp_path: Path) -> None
 
     assert code == 2
     assert "no registry" in err
+
+
+def _self_signed_ca_true(key: ec.EllipticCurvePrivateKey, name: str) -> bytes:
+    """What a plain `openssl req -x509` makes: a self-signed cert with CA:TRUE."""
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + dt.timedelta(days=365))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+        .sign(key, hashes.SHA256())
+    )
+    return _pem(cert)
+
+
+def test_default_certificates_marked_ca_are_audited_as_units(tmp_path: Path) -> None:
+    shared = ec.generate_private_key(ec.SECP256R1())
+    for name in ("u1", "u2"):
+        (tmp_path / f"{name}.crt").write_bytes(_self_signed_ca_true(shared, name))
+    report = tmp_path / "report.json"
+
+    code, _, _ = _run(str(tmp_path), "--quiet", "--json", str(report))
+
+    assert code == 1
+    assert (
+        "duplicate-key",
+        frozenset({str(tmp_path / "u1"), str(tmp_path / "u2")}),
+    ) in (_findings(report))
+
+
+def test_the_issuers_in_chain_files_are_not_units(tmp_path: Path) -> None:
+    ca = _make_ca()
+    for name in ("u1", "u2"):
+        leaf = ca.issue(ec.generate_private_key(ec.SECP256R1()).public_key(), name)
+        (tmp_path / f"{name}.pem").write_bytes(_pem(leaf) + _pem(ca.cert))
+
+    code, out, _ = _run(str(tmp_path), "--quiet")
+
+    assert code == 0, out

@@ -15,8 +15,11 @@ Unit names:
 * a live host's unit is its ``host:port``;
 * a registry's unit is the serial it records.
 
-CA certificates (basicConstraints ``cA``) found in chain files are skipped:
-they are the maker's keys, shared by design, not a unit's. Private keys are
+CA certificates (basicConstraints ``cA``) that follow a file's first
+certificate (a chain's issuers) are skipped: they are the maker's keys, shared
+by design, not a unit's. A file's first certificate, and every certificate a
+live host serves, is a unit's, even when it says CA:TRUE: that is how many
+devices' default self-signed certificates are made. Private keys are
 never read: a file block labelled ``PRIVATE KEY`` is skipped unopened.
 """
 
@@ -347,9 +350,17 @@ def _subject_text(name: x509.Name) -> str | None:
 
 
 def cert_record(
-    der: bytes, *, unit: str, source: str, location: str
+    der: bytes,
+    *,
+    unit: str,
+    source: str,
+    location: str,
+    chain_member: bool = False,
 ) -> KeyRecord | None:
-    """Build the record of a DER certificate's key; None for a CA certificate.
+    """Build the record of a DER certificate's key.
+
+    Returns None for a CA certificate that is a ``chain_member`` (an issuer
+    after a file's first certificate), which is not a unit's key.
 
     Raises:
         InputError: the certificate or its key cannot be read.
@@ -361,7 +372,7 @@ def cert_record(
     except ValueError:
         cert = None
     if cert is not None:
-        if _is_ca(cert):
+        if chain_member and _is_ca(cert):
             return None
         subject = _subject_text(cert.subject)
         issued = cert.not_valid_before_utc
@@ -510,9 +521,17 @@ def _ssh_spki(blob: bytes) -> bytes:
     )
 
 
-def _block_record(block: _Block, *, unit: str, location: str) -> KeyRecord | None:
+def _block_record(
+    block: _Block, *, unit: str, location: str, chain_member: bool = False
+) -> KeyRecord | None:
     if block.kind == "certificate":
-        return cert_record(block.data, unit=unit, source="file", location=location)
+        return cert_record(
+            block.data,
+            unit=unit,
+            source="file",
+            location=location,
+            chain_member=chain_member,
+        )
     if block.kind == "csr":
         return _csr_record(block.data, unit=unit, location=location)
     if block.kind == "rsa public key":
@@ -612,10 +631,21 @@ class FileSource:
             raise _NotKeys(f"it is over {MAX_FILE_BYTES // (1024 * 1024)} MiB")
         blocks = _file_blocks(data)
         unit = str(path.with_suffix("")) if path.suffix else str(path)
+        first_cert = next(
+            (i for i, block in enumerate(blocks) if block.kind == "certificate"), None
+        )
         records = [
             record
             for number, block in enumerate(blocks, start=1)
-            if (record := _block_record(block, unit=unit, location=f"{path}#{number}"))
+            if (
+                record := _block_record(
+                    block,
+                    unit=unit,
+                    location=f"{path}#{number}",
+                    chain_member=block.kind == "certificate"
+                    and number - 1 != first_cert,
+                )
+            )
             is not None
         ]
         if len(records) == 1:
@@ -756,11 +786,7 @@ class HostSource:
             except InputError as exc:
                 problems.append(SourceProblem(location, str(exc)))
                 continue
-            if record is None:
-                problems.append(
-                    SourceProblem(location, "it serves a CA certificate, not a unit's")
-                )
-            else:
+            if record is not None:  # a served leaf is never skipped
                 yield record
 
     async def _fetch_all(
