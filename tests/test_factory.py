@@ -995,3 +995,35 @@ def test_code_of_the_sticker_is_the_code_of_the_served_factory_leaf(
     issued = factory.issuer.issue(make_identity_csr(store), "z3")
     der = issued.cert.public_bytes(serialization.Encoding.DER)
     assert code_for_spki(spki_from_cert_der(der)) == issued.code
+
+
+def test_issue_to_an_unwritable_place_issues_nothing(
+    factory: Factory, tmp_path: Path
+) -> None:
+    state = tmp_path / "unit"
+    init = ["device", "init", "--state", str(state), "--serial", "s9"]
+    assert run([*init, "--product", "router", "--domain", "example.com"]) == 0
+    csr = tmp_path / "s9.csr"
+    assert run(["device", "csr", "--state", str(state), "-o", str(csr)]) == 0
+    nowhere = tmp_path / "missing" / "s9.chain.pem"
+
+    refused = factory.cli(
+        "issue", "--csr", str(csr), "--serial", "s9", "-o", str(nowhere)
+    )
+    label = tmp_path / "missing" / "s10.png"
+    refused_label = factory.cli(
+        "provision",
+        "--state",
+        str(tmp_path / "u10"),
+        "--serial",
+        "s10",
+        "--label",
+        str(label),
+    )
+
+    assert refused == 1 and refused_label == 1
+    assert not (tmp_path / "u10").exists()
+    chain = tmp_path / "s9.chain.pem"
+    assert (
+        factory.cli("issue", "--csr", str(csr), "--serial", "s9", "-o", str(chain)) == 0
+    )

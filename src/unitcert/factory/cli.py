@@ -98,6 +98,30 @@ def _issuer(
         yield Issuer(ca, registry)
 
 
+def _check_writable(path: Path) -> None:
+    """Refuse, before anything is issued, an output that cannot be written.
+
+    A certificate is registered when it is issued: failing to write it after
+    that would leave an issued certificate that nobody received.
+
+    Raises:
+        InputError: the folder does not exist, or the path is a folder.
+    """
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise InputError(f"{path} is a folder: give a file name to write to")
+    if not parent.is_dir():
+        raise InputError(
+            f"cannot write {path}: the folder {parent} does not exist; create it "
+            "first, nothing was issued"
+        )
+    if not os.access(parent, os.W_OK):
+        raise InputError(
+            f"cannot write {path}: the folder {parent} is not writable; nothing "
+            "was issued"
+        )
+
+
 def _write_output(path: Path, data: bytes) -> None:
     try:
         write_file_atomic(path, data, mode=0o644)
@@ -209,6 +233,7 @@ def issue_command(
     passphrase_file: Path | None,
 ) -> None:
     """Check a unit's CSR, sign it, register the unit and write its chain."""
+    _check_writable(output)
     try:
         csr = csr_path.read_bytes()
     except OSError as error:
@@ -240,6 +265,8 @@ def reissue_command(
     passphrase_file: Path | None,
 ) -> None:
     """Renew a unit's certificate for the same key."""
+    if output is not None:
+        _check_writable(output)
     with _issuer(directory, db_url, passphrase_file) as issuer:
         issued = issuer.reissue(serial, validity_days=validity_days)
     output = output or Path(f"{issued.serial}.chain.pem")
@@ -285,6 +312,8 @@ def provision_command(
     """One-step station flow: the unit's key and CSR, issue, install, label."""
     from unitcert.factory.provision import provision_unit
 
+    if label_path is not None:
+        _check_writable(label_path)
     with _issuer(directory, db_url, passphrase_file) as issuer:
         unit = provision_unit(
             issuer,
