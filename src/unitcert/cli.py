@@ -22,7 +22,7 @@ from unitcert import __version__, keys
 from unitcert.errors import CodeFormatError, ConnectError, InputError, UnitcertError
 from unitcert.store import Part, StateStore
 
-__all__ = ["main", "run"]
+__all__ = ["DEFAULT_STATE", "main", "run", "state_option"]
 
 logger = logging.getLogger("unitcert")
 
@@ -44,7 +44,8 @@ _VERBOSE_KEY = "unitcert.verbose"
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def _state_option(function: F) -> F:
+def state_option(function: F) -> F:
+    """The ``--state DIR`` option of every command that runs on a unit."""
     return click.option(
         "--state",
         "state_dir",
@@ -237,7 +238,7 @@ def _echo_setup_credential(unit: agent.Unit) -> None:
 
 
 @device.command("init")
-@_state_option
+@state_option
 @_identity_options
 @_entropy_option
 def device_init(
@@ -271,7 +272,7 @@ def device_init(
 
 
 @device.command("serve")
-@_state_option
+@state_option
 @click.option(
     "--bind", default="127.0.0.1", show_default=True, help="Address to listen on."
 )
@@ -388,7 +389,7 @@ def _status_record(unit: agent.Unit, store: StateStore) -> dict[str, object]:
 
 
 @device.command("status")
-@_state_option
+@state_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def device_status(state_dir: Path, as_json: bool) -> None:
     """Show what the unit serves: source, names, validity, key, code, pin."""
@@ -431,7 +432,7 @@ def device_status(state_dir: Path, as_json: bool) -> None:
 
 
 @device.command("reset")
-@_state_option
+@state_option
 @click.option("--yes", is_flag=True, help="Confirm: wipe the owner's settings.")
 @click.option(
     "--regenerate-identity",
@@ -589,7 +590,7 @@ def verify_command(
 
 
 @main.command("label")
-@_state_option
+@state_option
 @click.option(
     "-o",
     "--output",

@@ -28,6 +28,7 @@ from unitcert.acme.settings import (
     parse_tsig_key,
     read_small_file,
 )
+from unitcert.cli import state_option
 from unitcert.errors import InputError
 from unitcert.store import Part, StateStore
 
@@ -146,14 +147,7 @@ def _wait_for(store: StateStore, request_id: str, wait: float) -> Outcome | None
 
 
 @click.command("acme")
-@click.option(
-    "--state",
-    "state_dir",
-    type=click.Path(path_type=Path, file_okay=False),
-    default=Path("/var/lib/unitcert"),
-    show_default=True,
-    help="The unit's state directory.",
-)
+@state_option
 @click.option("--directory", help="The ACME CA's directory URL (https).")
 @click.option(
     "--domain",

@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from unitcert import device, keys
+from unitcert.cli import state_option
 from unitcert.custom.bundle import read_input_file, read_password_file
 from unitcert.custom.check import Candidate
 from unitcert.custom.install import (
@@ -24,15 +25,6 @@ from unitcert.custom.install import (
 from unitcert.store import StateStore
 
 __all__ = ["custom_csr", "device_commands", "echo_candidate"]
-
-_state_option = click.option(
-    "--state",
-    "state_dir",
-    type=click.Path(path_type=Path, file_okay=False),
-    default=Path("/var/lib/unitcert"),
-    show_default=True,
-    help="The unit's state directory.",
-)
 
 
 def _field(name: str, value: object) -> None:
@@ -74,7 +66,7 @@ def echo_candidate(candidate: Candidate, *, name_warning: bool = True) -> None:
 
 
 @click.command("import")
-@_state_option
+@state_option
 @click.argument(
     "files",
     nargs=-1,
@@ -145,7 +137,7 @@ def import_command(
 
 
 @click.command("use")
-@_state_option
+@state_option
 @click.argument(
     "source",
     type=click.Choice([*IDENTITY_CHOICES, *device.LOCAL_SOURCES]),
@@ -157,7 +149,7 @@ def use_command(state_dir: Path, source: str) -> None:
 
 
 @click.command("revert")
-@_state_option
+@state_option
 def revert_command(state_dir: Path) -> None:
     """Go back to the certificate the unit served before the last change.
 

@@ -18,6 +18,7 @@ import click
 from cryptography.hazmat.primitives import serialization
 
 from unitcert import keys
+from unitcert.cli import state_option
 from unitcert.errors import InputError
 from unitcert.factory import ca as factory_ca
 from unitcert.factory.issue import REVOCATION_REASONS, Issuer
@@ -513,18 +514,8 @@ def list_command(directory: Path, as_json: bool, db_url: str | None) -> None:
         )
 
 
-_state_option = click.option(
-    "--state",
-    "state_dir",
-    type=click.Path(path_type=Path, file_okay=False),
-    default=Path("/var/lib/unitcert"),
-    show_default=True,
-    help="The unit's state directory.",
-)
-
-
 @click.command("csr")
-@_state_option
+@state_option
 @click.option(
     "-o",
     "--output",
@@ -574,7 +565,7 @@ def csr_command(
 
 
 @click.command("install-identity")
-@_state_option
+@state_option
 @click.argument("chain", type=click.Path(path_type=Path, dir_okay=False))
 def install_identity_command(state_dir: Path, chain: Path) -> None:
     """Install the chain from 'factory issue' as the unit's factory identity."""
