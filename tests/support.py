@@ -4,15 +4,21 @@ real ``unitcert device serve`` in its own process."""
 from __future__ import annotations
 
 import contextlib
+import html
+import http.client
+import re
+import secrets
 import signal
 import socket
 import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from http.cookies import SimpleCookie
 from pathlib import Path
+from urllib.parse import urlencode
 
 from unitcert import code, device
 from unitcert.store import StateStore
@@ -144,3 +150,128 @@ def serving(
         finally:
             returncode = served.stop()
         assert returncode == 0, f"serve exited with {returncode}:\n{served.log()}"
+
+
+@dataclass
+class Reply:
+    """One HTTP response, its body decoded."""
+
+    status: int
+    headers: http.client.HTTPMessage
+    body: str
+
+    @property
+    def location(self) -> str | None:
+        return self.headers.get("Location")
+
+    @property
+    def text(self) -> str:
+        """The page's text with the HTML tags removed and entities decoded."""
+        return html.unescape(re.sub(r"<[^>]+>", " ", self.body))
+
+    def set_cookies(self) -> list[str]:
+        return self.headers.get_all("Set-Cookie") or []
+
+    def field(self, name: str) -> str:
+        """The value of the page's form field ``name``."""
+        match = re.search(rf'name="{name}" value="([^"]+)"', self.body)
+        assert match, self.body
+        return match.group(1)
+
+    def csrf_token(self) -> str:
+        return self.field("csrf_token")
+
+
+@dataclass
+class Browser:
+    """Talks HTTPS to the unit and keeps its cookies, like a browser would.
+
+    It checks the unit's key by its code elsewhere, as a customer does, not by
+    a CA: the certificate is not verified here.
+    """
+
+    port: int
+    cookies: dict[str, str] = field(default_factory=dict)
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: bytes | None = None,
+        content_type: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> Reply:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        connection = http.client.HTTPSConnection(
+            "127.0.0.1", self.port, context=context, timeout=20
+        )
+        all_headers = dict(headers or {})
+        if self.cookies:
+            all_headers["Cookie"] = "; ".join(
+                f"{k}={v}" for k, v in self.cookies.items()
+            )
+        if body is not None:
+            all_headers.setdefault(
+                "Content-Type", content_type or "application/x-www-form-urlencoded"
+            )
+        try:
+            connection.request(method, path, body=body, headers=all_headers)
+            response = connection.getresponse()
+            reply = Reply(
+                response.status, response.headers, response.read().decode("utf-8")
+            )
+        finally:
+            connection.close()
+        for header in reply.set_cookies():
+            for name, morsel in SimpleCookie(header).items():
+                if morsel["max-age"] == "0":
+                    self.cookies.pop(name, None)
+                else:
+                    self.cookies[name] = morsel.value
+        return reply
+
+    def get(self, path: str) -> Reply:
+        return self.request("GET", path)
+
+    def post(
+        self, path: str, fields: dict[str, str], headers: dict[str, str] | None = None
+    ) -> Reply:
+        return self.request(
+            "POST", path, body=urlencode(fields).encode(), headers=headers
+        )
+
+    def upload(
+        self,
+        path: str,
+        fields: dict[str, str],
+        files: Sequence[tuple[str, str, bytes]],
+    ) -> Reply:
+        """POST multipart/form-data: ``files`` are (field, file name, bytes)."""
+        boundary = secrets.token_hex(16)
+        parts = [
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"'
+            f"\r\n\r\n{value}\r\n".encode()
+            for name, value in fields.items()
+        ]
+        for name, filename, data in files:
+            parts.append(
+                f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; '
+                f'filename="{filename}"\r\nContent-Type: application/octet-stream'
+                "\r\n\r\n".encode()
+                + data
+                + b"\r\n"
+            )
+        parts.append(f"--{boundary}--\r\n".encode())
+        return self.request(
+            "POST",
+            path,
+            body=b"".join(parts),
+            content_type=f"multipart/form-data; boundary={boundary}",
+        )
+
+    def login(self, password: str) -> Reply:
+        token = self.get("/login").csrf_token()
+        return self.post("/login", {"csrf_token": token, "password": password})

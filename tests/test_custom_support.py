@@ -8,19 +8,12 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import html
-import http.client
 import os
-import re
-import secrets
-import ssl
 import subprocess
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from http.cookies import SimpleCookie
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -28,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import pkcs7, pkcs12
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from support import Browser, Reply
 from test_factory_support import pool_rsa_key
 from unitcert import code, device
 from unitcert.store import StateStore
@@ -350,114 +344,8 @@ def set_password(store: StateStore) -> None:
     device.save_admin_credential(store, admin.with_password(NEW_PASSWORD))
 
 
-@dataclass
-class Reply:
-    status: int
-    headers: http.client.HTTPMessage
-    body: str
-
-    @property
-    def text(self) -> str:
-        """The page's text with the HTML tags removed and entities decoded."""
-        return html.unescape(re.sub(r"<[^>]+>", " ", self.body))
-
-    def csrf_token(self) -> str:
-        match = re.search(r'name="csrf_token" value="([^"]+)"', self.body)
-        assert match, self.body
-        return match.group(1)
-
-    def field(self, name: str) -> str:
-        match = re.search(rf'name="{name}" value="([^"]+)"', self.body)
-        assert match, self.body
-        return match.group(1)
-
-
-@dataclass
-class UnitClient:
-    """Talks HTTPS to the unit and keeps its cookies, like a browser would."""
-
-    port: int
-    cookies: dict[str, str] = field(default_factory=dict)
-
-    def request(
-        self,
-        method: str,
-        path: str,
-        *,
-        body: bytes | None = None,
-        content_type: str | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> Reply:
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-        connection = http.client.HTTPSConnection(
-            "127.0.0.1", self.port, context=context, timeout=20
-        )
-        headers = dict(headers or {})
-        if self.cookies:
-            headers["Cookie"] = "; ".join(f"{k}={v}" for k, v in self.cookies.items())
-        if content_type:
-            headers["Content-Type"] = content_type
-        try:
-            connection.request(method, path, body=body, headers=headers)
-            response = connection.getresponse()
-            reply = Reply(
-                response.status, response.headers, response.read().decode("utf-8")
-            )
-        finally:
-            connection.close()
-        for header in reply.headers.get_all("Set-Cookie") or []:
-            for name, morsel in SimpleCookie(header).items():
-                if morsel["max-age"] == "0":
-                    self.cookies.pop(name, None)
-                else:
-                    self.cookies[name] = morsel.value
-        return reply
-
-    def get(self, path: str) -> Reply:
-        return self.request("GET", path)
-
-    def post(
-        self, path: str, fields: dict[str, str], headers: dict[str, str] | None = None
-    ) -> Reply:
-        return self.request(
-            "POST",
-            path,
-            body=urlencode(fields).encode(),
-            content_type="application/x-www-form-urlencoded",
-            headers=headers,
-        )
-
-    def upload(
-        self,
-        path: str,
-        fields: dict[str, str],
-        files: Sequence[tuple[str, str, bytes]],
-    ) -> Reply:
-        """POST multipart/form-data: ``files`` are (field, file name, bytes)."""
-        boundary = secrets.token_hex(16)
-        parts = []
-        for name, value in fields.items():
-            parts.append(
-                f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"'
-                f"\r\n\r\n{value}\r\n".encode()
-            )
-        for name, filename, data in files:
-            parts.append(
-                f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; '
-                f'filename="{filename}"\r\nContent-Type: application/octet-stream'
-                "\r\n\r\n".encode()
-                + data
-                + b"\r\n"
-            )
-        parts.append(f"--{boundary}--\r\n".encode())
-        return self.request(
-            "POST",
-            path,
-            body=b"".join(parts),
-            content_type=f"multipart/form-data; boundary={boundary}",
-        )
+class UnitClient(Browser):
+    """A browser for the owner, whose login must succeed."""
 
     def login(self, password: str = NEW_PASSWORD) -> Reply:
         token = self.get("/login").csrf_token()

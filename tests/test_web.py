@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import http.client
 import os
 import re
 import signal
@@ -17,25 +16,24 @@ import ssl
 import subprocess
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from http.cookies import SimpleCookie
 from pathlib import Path
-from urllib.parse import urlencode
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from support import (
-    ServedUnit as Server,
-)
-from support import (
+    Browser,
+    Reply,
     code_of_der,
     free_port,
     port_open,
     served_code,
     serving,
     wait_until,
+)
+from support import (
+    ServedUnit as Server,
 )
 from unitcert import code, device
 from unitcert.errors import InputError
@@ -104,83 +102,6 @@ def _wait_for_code(server: Server, expected: str, timeout: float = 2.0) -> float
 
 
 # --- a small browser -------------------------------------------------------------
-
-
-@dataclass
-class Reply:
-    status: int
-    headers: http.client.HTTPMessage
-    body: str
-
-    @property
-    def location(self) -> str | None:
-        return self.headers.get("Location")
-
-    def set_cookies(self) -> list[str]:
-        return self.headers.get_all("Set-Cookie") or []
-
-    def csrf_token(self) -> str:
-        match = re.search(r'name="csrf_token" value="([^"]+)"', self.body)
-        assert match, self.body
-        return match.group(1)
-
-
-@dataclass
-class Browser:
-    """Talks HTTPS to the unit and keeps its cookies, like a browser would."""
-
-    port: int
-    cookies: dict[str, str] = field(default_factory=dict)
-
-    def request(
-        self,
-        method: str,
-        path: str,
-        *,
-        body: bytes | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> Reply:
-        connection = http.client.HTTPSConnection(
-            "127.0.0.1", self.port, context=_client_context(), timeout=10
-        )
-        try:
-            all_headers = dict(headers or {})
-            if self.cookies:
-                all_headers["Cookie"] = "; ".join(
-                    f"{k}={v}" for k, v in self.cookies.items()
-                )
-            if body is not None:
-                all_headers.setdefault(
-                    "Content-Type", "application/x-www-form-urlencoded"
-                )
-            connection.request(method, path, body=body, headers=all_headers)
-            response = connection.getresponse()
-            reply = Reply(
-                response.status, response.headers, response.read().decode("utf-8")
-            )
-        finally:
-            connection.close()
-        for header in reply.set_cookies():
-            for name, morsel in SimpleCookie(header).items():
-                if morsel["max-age"] == "0":
-                    self.cookies.pop(name, None)
-                else:
-                    self.cookies[name] = morsel.value
-        return reply
-
-    def get(self, path: str) -> Reply:
-        return self.request("GET", path)
-
-    def post(
-        self, path: str, fields: dict[str, str], headers: dict[str, str] | None = None
-    ) -> Reply:
-        return self.request(
-            "POST", path, body=urlencode(fields).encode(), headers=headers
-        )
-
-    def login(self, password: str) -> Reply:
-        token = self.get("/login").csrf_token()
-        return self.post("/login", {"csrf_token": token, "password": password})
 
 
 def _setup_credential(server: Server) -> str:
