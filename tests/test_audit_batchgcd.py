@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import gmpy2
 import pytest
 
-from unitcert.quality import batchgcd
+from unitcert.quality import batchgcd, wrapmul
 from unitcert.quality.batchgcd import SharedFactor, batch_gcd, split_shared
 
 
@@ -84,6 +84,59 @@ def test_batch_gcd_scaled_remainder_tree_matches_the_definition(
         monkeypatch.setattr(batchgcd, "_SCALED_MAX_BITS_SPILLED", largest)
         assert batch_gcd(moduli) == _reference(moduli)
         assert batch_gcd(moduli, spill=True) == _reference(moduli)
+
+
+@pytest.mark.parametrize("wrap_from_bits", [64, 1 << 40])
+def test_batch_gcd_scaled_walk_is_exact_with_and_without_wraparound(
+    monkeypatch: pytest.MonkeyPatch, wrap_from_bits: int
+) -> None:
+    # The wrap-around products reach down to the smallest nodes here, where
+    # the bits they fold back sit closest to the child's precision.
+    assert wrapmul.wrap_multiplier() is not None
+    rng = random.Random(3)
+    sizes = (64, 300, 2048)
+    moduli = list({rng.getrandbits(rng.choice(sizes)) | 1 for _ in range(500)})
+    monkeypatch.setattr(batchgcd, "_SCALED_MIN_BITS", 1)
+    monkeypatch.setattr(batchgcd, "_SCALED_MAX_BITS", 1 << 40)
+    monkeypatch.setattr(batchgcd, "_WRAP_MIN_BITS", wrap_from_bits)
+    assert batch_gcd(moduli) == _reference(moduli)
+
+
+def test_batch_gcd_falls_back_to_full_products_without_gmp_wraparound(
+    monkeypatch: pytest.MonkeyPatch, fleet: tuple[list[int], dict[int, set[int]]]
+) -> None:
+    moduli, expected = fleet
+    monkeypatch.setattr(batchgcd, "wrap_multiplier", lambda: None)
+
+    assert _found(moduli, batch_gcd(moduli)) == expected
+
+
+def test_wrap_multiplier_matches_full_products_modulo_2n_minus_1() -> None:
+    wrap = wrapmul.wrap_multiplier()
+    assert wrap is not None
+    rng = random.Random(4)
+    for bits in (64, 640, 6_400, 64_000, 640_000, 2_000_000):
+        n = wrap.modulus_bits(bits)
+        modulus = (gmpy2.mpz(1) << n) - 1
+        for a_bits, b_bits in ((n, min(n, n // 2 + 64)), (n - 1, n - 1), (n, 3)):
+            a = gmpy2.mpz(rng.getrandbits(a_bits))
+            b = gmpy2.mpz(rng.getrandbits(b_bits) | 1)
+            got = wrap.multiply(a, b, n)
+            assert 0 <= got <= modulus
+            assert got % modulus == a * b % modulus
+    prepared = wrap.operand(12345)
+    assert wrap.multiply(prepared, prepared, 64) == 12345**2
+
+
+def test_wrap_multiplier_refuses_operands_wider_than_the_modulus() -> None:
+    wrap = wrapmul.wrap_multiplier()
+    assert wrap is not None
+    with pytest.raises(ValueError, match="wider"):
+        wrap.multiply(1 << 128, 3, 128)
+    with pytest.raises(ValueError, match="negative"):
+        wrap.multiply(-1, 3, 128)
+    with pytest.raises(ValueError, match="limbs"):
+        wrap.multiply(1, 3, 100)
 
 
 def test_batch_gcd_finds_exactly_the_planted_primes(

@@ -50,6 +50,8 @@ from typing import Any
 
 import gmpy2
 
+from unitcert.quality.wrapmul import Operand, WrapMultiplier, wrap_multiplier
+
 __all__ = [
     "GroupTree",
     "ProgressCallback",
@@ -80,10 +82,13 @@ _LENGTH = struct.Struct("<Q")
 # division of three times the node's size, whose scratch space is the peak of
 # the whole run (bench/batchgcd.py: 8.3 GiB at 1,000,000 moduli without the
 # bound), so it is made where nodes are smaller; more so with levels on disk.
-_SCALED_MIN_BITS = 1 << 19
-_SCALED_MAX_BITS = 1 << 29
+_SCALED_MIN_BITS = 1 << 15
+_SCALED_MAX_BITS = 1 << 40
 _SCALED_MAX_BITS_SPILLED = 1 << 26
 _GUARD_BITS = 64
+# Fractions of at least this many bits are multiplied modulo 2**N - 1
+# (see _times_fraction); below, GMP's full product is as fast.
+_WRAP_MIN_BITS = 1 << 14
 # How many nodes a level processes between two progress reports.
 _REPORT_EVERY = 2048
 
@@ -259,10 +264,12 @@ def build_group_tree(
         width = levels.write(
             f"level-{level + 1}", reporter.count(products, (width + 1) // 2)
         )
-        if levels.directory is None and level % 2 == 1:
-            # In memory, keep every other level: the descent recomputes the
-            # missing ones from the level below, which costs a fraction of
-            # the remainder work and halves the tree's memory.
+        if levels.directory is None and 0 < level <= depth // 2:
+            # In memory, keep the leaves and the upper half of the tree: the
+            # descent rebuilds the lower half from the leaves once the upper
+            # half is gone. Every level holds about the same number of bits,
+            # so this halves the tree's memory, and the lower levels are the
+            # cheap ones to rebuild (small numbers multiply fastest).
             levels.drop(f"level-{level}")
 
     root = next(levels.read(f"level-{depth}"))
@@ -308,7 +315,7 @@ def descend_group_tree(
 
     for level in range(tree.depth - 1, -1, -1):
         if not levels.has(f"level-{level}"):
-            levels.write(f"level-{level}", _products(levels.read(f"level-{level - 1}")))
+            _rebuild(levels, level)
         step = _scaled_step if scaled[level + 1] else _plain_step
         remainders = step(
             levels.take(f"rem-{level + 1}"),
@@ -333,6 +340,15 @@ def descend_group_tree(
         levels.drop("level-0")
         return [int(gmpy2.gcd(remainder, modulus))]
     return results
+
+
+def _rebuild(levels: _Levels, level: int) -> None:
+    """Recompute a dropped level and the dropped ones below it."""
+    below = level - 1
+    while not levels.has(f"level-{below}"):
+        below -= 1
+    for missing in range(below + 1, level + 1):
+        levels.write(f"level-{missing}", _products(levels.read(f"level-{missing - 1}")))
 
 
 # --- the remainder steps ----------------------------------------------------------
@@ -363,9 +379,22 @@ def _top(root: Any, others: Any, scaled: bool) -> Any:
     reduced = gmpy2.mpz(others) % root
     if not scaled:
         return reduced
-    bits = _precision(root)
     # y_root = frac(P / root**2) = (others mod root) / root
-    return ((reduced << bits) // root) | (gmpy2.mpz(1) << bits)
+    return _to_scaled(reduced, root)
+
+
+def _to_scaled(remainder: Any, node: Any) -> Any:
+    """Return ``remainder / node`` in fixed point, with its marker bit.
+
+    The quotient is taken in two divisions of about twice the node's size
+    rather than one of three times: the same work, with half the scratch
+    space at the peak of the run.
+    """
+    bits = _precision(node)
+    upper = bits // 2
+    high, rest = gmpy2.t_divmod(remainder << upper, node)
+    low = (rest << (bits - upper)) // node
+    return (gmpy2.bit_set(high, upper) << (bits - upper)) | low
 
 
 def _plain_step(
@@ -374,44 +403,64 @@ def _plain_step(
     for parent, pair in zip(parents, _pairs(nodes), strict=True):
         if len(pair) == 1:
             # An odd node is its own parent: same product, same remainder.
-            if keep_scaled:
-                bits = _precision(pair[0])
-                yield ((parent << bits) // pair[0]) | (gmpy2.mpz(1) << bits)
-            else:
-                yield parent
+            yield _to_scaled(parent, pair[0]) if keep_scaled else parent
             continue
         left, right = pair
         for node, sibling in ((left, right), (right, left)):
             remainder = ((parent % node) * (sibling % node)) % node
-            if keep_scaled:
-                # frac(P / node**2) == remainder / node
-                bits = _precision(node)
-                yield ((remainder << bits) // node) | (gmpy2.mpz(1) << bits)
-            else:
-                yield remainder
+            # frac(P / node**2) == remainder / node
+            yield _to_scaled(remainder, node) if keep_scaled else remainder
 
 
 def _scaled_step(
     parents: Iterator[Any], nodes: Iterator[Any], *, keep_scaled: bool
 ) -> Iterator[Any]:
+    wrap = wrap_multiplier()
     for parent, pair in zip(parents, _pairs(nodes), strict=True):
         bits = int(gmpy2.num_digits(parent, 2)) - 1
-        fraction = gmpy2.f_mod_2exp(parent, bits)
+        if wrap is not None and len(pair) == 2 and bits >= _WRAP_MIN_BITS:
+            # Both children multiply the parent: convert it once.
+            parent = wrap.operand(parent)
         for index, node in enumerate(pair):
             child_bits = _precision(node)
             if len(pair) == 2:
                 sibling = pair[1 - index]
-                value = gmpy2.f_mod_2exp(fraction * (sibling * sibling), bits)
+                value = _times_fraction(
+                    parent, bits, sibling * sibling, bits - child_bits, wrap
+                )
             else:
-                value = fraction
-            value >>= bits - child_bits
+                value = gmpy2.f_mod_2exp(parent, bits) >> (bits - child_bits)
             if keep_scaled:
-                yield value | (gmpy2.mpz(1) << child_bits)
+                yield gmpy2.bit_set(value, child_bits)
             else:
                 remainder = (value * node + (gmpy2.mpz(1) << (child_bits - 1))) >> (
                     child_bits
                 )
                 yield remainder - node if remainder >= node else remainder
+
+
+def _times_fraction(
+    parent: Any, bits: int, factor: Any, cut: int, wrap: WrapMultiplier | None
+) -> Any:
+    """Return ``frac(y * factor)`` to ``bits - cut`` bits, ``y`` the parent's.
+
+    ``y`` has ``bits`` fraction bits; the result is the fraction's top
+    ``bits - cut`` bits, as an integer.
+
+    Only the middle of the product matters: its top is the integer part and
+    its bottom falls below the child's precision. A product modulo
+    ``2**N - 1`` with ``N`` at least ``bits + 64`` keeps that middle whole:
+    the part of the product above ``N`` (the parent's marker bit included)
+    is added back at the bottom, where it is below ``2**(cut - 61)`` (the
+    cut is at least twice the factor's root's size, less 2); it can carry
+    one unit into the child's last place, an error the walk's guard bits
+    absorb like a truncation.
+    """
+    if wrap is not None and isinstance(parent, Operand):
+        product = wrap.multiply(parent, factor, wrap.modulus_bits(bits + _GUARD_BITS))
+    else:
+        product = gmpy2.f_mod_2exp(parent, bits) * factor
+    return gmpy2.f_mod_2exp(product >> cut, bits - cut)
 
 
 def _products(numbers: Iterator[Any]) -> Iterator[Any]:
