@@ -50,7 +50,7 @@ from typing import Any
 
 import gmpy2
 
-from unitcert.quality.wrapmul import Operand, WrapMultiplier, wrap_multiplier
+from unitcert.quality.wrapmul import WrapMultiplier, wrap_multiplier
 
 __all__ = [
     "GroupTree",
@@ -418,9 +418,6 @@ def _scaled_step(
     wrap = wrap_multiplier()
     for parent, pair in zip(parents, _pairs(nodes), strict=True):
         bits = int(gmpy2.num_digits(parent, 2)) - 1
-        if wrap is not None and len(pair) == 2 and bits >= _WRAP_MIN_BITS:
-            # Both children multiply the parent: convert it once.
-            parent = wrap.operand(parent)
         for index, node in enumerate(pair):
             child_bits = _precision(node)
             if len(pair) == 2:
@@ -456,7 +453,7 @@ def _times_fraction(
     one unit into the child's last place, an error the walk's guard bits
     absorb like a truncation.
     """
-    if wrap is not None and isinstance(parent, Operand):
+    if wrap is not None and bits >= _WRAP_MIN_BITS:
         product = wrap.multiply(parent, factor, wrap.modulus_bits(bits + _GUARD_BITS))
     else:
         product = gmpy2.f_mod_2exp(parent, bits) * factor

@@ -16,6 +16,14 @@ only when that GMP's major version is 6, and only after a self-test against
 full products over sizes on both sides of GMP's thresholds; otherwise it
 returns ``None`` and callers use full products. Either way the results are
 the same; only the time differs.
+
+The operands and the result stay in gmpy2's own numbers: the multiplication
+reads the operands' limbs where they are and writes the result's limbs into
+a new number, through the object layout gmpy2 publishes for C extensions
+(``MPZ_Object`` in its ``gmpy2.h``: the object header, then GMP's ``mpz_t``).
+Copying the numbers in and out instead costs about a fifth more time and
+doubles the memory the largest numbers take. The layout is checked on a
+known number before anything is written.
 """
 
 from __future__ import annotations
@@ -24,14 +32,14 @@ import ctypes
 import ctypes.util
 import functools
 import logging
+import platform
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import gmpy2
 
-__all__ = ["Operand", "WrapMultiplier", "wrap_multiplier"]
+__all__ = ["WrapMultiplier", "wrap_multiplier"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,15 +52,59 @@ _SUPPORTED_MAJOR = 6
 _SELF_TEST_LIMBS = (1, 3, 17, 40, 129, 700, 3000, 9000)
 
 
+class _MpzStruct(ctypes.Structure):
+    """GMP's ``__mpz_struct``: allocated limbs, signed used limbs, the limbs."""
+
+    _fields_ = [
+        ("alloc", ctypes.c_int),
+        ("size", ctypes.c_int),
+        ("limbs", ctypes.c_void_p),
+    ]
+
+
+class _MpzLayout:
+    """Where a gmpy2 ``mpz`` keeps its ``mpz_t``: right after the object header."""
+
+    def __init__(self, offset: int) -> None:
+        self._offset = offset
+
+    def struct(self, number: Any) -> _MpzStruct:
+        """Return ``number``'s ``mpz_t``; valid while ``number`` is alive."""
+        # On CPython, id() is the object's address.
+        return _MpzStruct.from_address(id(number) + self._offset)
+
+
+def _mpz_layout() -> _MpzLayout | None:
+    """Return the ``mpz`` layout once it is confirmed on a known number."""
+    if platform.python_implementation() != "CPython":
+        return None
+    offset = object.__basicsize__
+    expected = offset + ctypes.sizeof(_MpzStruct) + ctypes.sizeof(ctypes.c_ssize_t)
+    if type(gmpy2.mpz(0)).__basicsize__ != expected:
+        return None
+    layout = _MpzLayout(offset)
+    probe = gmpy2.mpz(int.from_bytes(b"unitcert-limbs-probe", "little"))
+    size = -(-int(gmpy2.num_digits(probe, 2)) // _LIMB_BITS)
+    for number, signed in ((probe, size), (-probe, -size)):
+        struct = layout.struct(number)
+        if struct.size != signed or struct.alloc < size or not struct.limbs:
+            return None
+        stored = ctypes.string_at(struct.limbs, size * _LIMB_BITS // 8)
+        if stored != int(probe).to_bytes(len(stored), "little"):
+            return None
+    return layout
+
+
 class WrapMultiplier:
     """``a * b mod (2**N - 1)`` for big numbers, on GMP's ``mpn_mulmod_bnm1``.
 
     Get one from :func:`wrap_multiplier`, which checks the library first.
     """
 
-    def __init__(self, multiply: Any, next_size: Any) -> None:
+    def __init__(self, multiply: Any, next_size: Any, layout: _MpzLayout) -> None:
         self._multiply = multiply
         self._next_size = next_size
+        self._layout = layout
 
     def modulus_bits(self, at_least: int) -> int:
         """Return the ``N`` GMP computes fastest among those of ``at_least`` bits."""
@@ -66,8 +118,7 @@ class WrapMultiplier:
         modulus; callers that read bits of ``c`` treat that as the same class.
 
         Args:
-            a: a non-negative integer of at most ``modulus_bits`` bits, or
-                one prepared by :meth:`operand` to be used more than once.
+            a: a non-negative integer of at most ``modulus_bits`` bits.
             b: the same.
             modulus_bits: ``N``, from :meth:`modulus_bits`.
 
@@ -78,90 +129,76 @@ class WrapMultiplier:
         if modulus_bits % _LIMB_BITS:
             raise ValueError("the modulus must be a whole number of 64-bit limbs")
         rn = modulus_bits // _LIMB_BITS
-        first, second = self.operand(a), self.operand(b)
-        if first.limbs > rn or second.limbs > rn:
+        first, second = gmpy2.mpz(a), gmpy2.mpz(b)
+        if first < 0 or second < 0:
+            raise ValueError("operands must not be negative")
+        first_struct = self._layout.struct(first)
+        second_struct = self._layout.struct(second)
+        if first_struct.size > rn or second_struct.size > rn:
             raise ValueError("an operand is wider than the modulus")
-        if first.limbs < second.limbs:
+        if first_struct.size < second_struct.size:
             first, second = second, first
-        if second.limbs == 0:
+            first_struct, second_struct = second_struct, first_struct
+        an, bn = first_struct.size, second_struct.size
+        if bn == 0:
             return gmpy2.mpz(0)
-        if first.limbs + second.limbs <= rn:
+        if an + bn <= rn:
             # The whole product fits below the modulus.
-            return first.number() * second.number()
-        # GMP's contract: 0 < bn <= an <= rn and an + bn > rn / 2.
-        result = (_LIMB * rn)()
+            return first * second
+        # A new number with room for rn limbs (bit N sets limb rn + 1), which
+        # GMP's result overwrites; nothing else refers to it yet.
+        result = gmpy2.bit_set(gmpy2.mpz(0), modulus_bits)
+        result_struct = self._layout.struct(result)
+        if result_struct.alloc < rn:
+            raise RuntimeError("gmpy2 gave a number with fewer limbs than asked")
         scratch = (_LIMB * (2 * rn + 4))()
+        # GMP's contract: 0 < bn <= an <= rn and an + bn > rn / 2.
         self._multiply(
-            result,
+            result_struct.limbs,
             rn,
-            first.array,
-            first.limbs,
-            second.array,
-            second.limbs,
+            first_struct.limbs,
+            an,
+            second_struct.limbs,
+            bn,
             scratch,
         )
-        del scratch
-        return gmpy2.mpz.from_bytes(memoryview(result), "little")
-
-    @staticmethod
-    def operand(number: Any) -> Operand:
-        """Return ``number`` as GMP limbs, for :meth:`multiply`.
-
-        The copy is all that is kept: drop ``number`` to save its memory.
-
-        Raises:
-            ValueError: ``number`` is negative.
-        """
-        if isinstance(number, Operand):
-            return number
-        value = gmpy2.mpz(number)
-        if value < 0:
-            raise ValueError("operands must not be negative")
-        limbs = -(-int(gmpy2.num_digits(value, 2)) // _LIMB_BITS) if value else 0
-        array = (_LIMB * max(1, limbs)).from_buffer_copy(
-            value.to_bytes(max(1, limbs) * _LIMB_BITS // 8, "little")
-        )
-        return Operand(limbs, array)
-
-
-@dataclass(frozen=True)
-class Operand:
-    """A non-negative number as GMP limbs, least significant first.
-
-    Attributes:
-        limbs: how many limbs the number has (0 for zero).
-        array: the limbs, a ctypes array of at least one limb.
-    """
-
-    limbs: int
-    array: Any
-
-    def number(self) -> Any:
-        """Return the number as a gmpy2 ``mpz``."""
-        return gmpy2.mpz.from_bytes(memoryview(self.array), "little")
+        limbs = (_LIMB * rn).from_address(result_struct.limbs)
+        used = rn
+        while used and not limbs[used - 1]:
+            used -= 1
+        result_struct.size = used
+        return result
 
 
 @functools.cache
 def wrap_multiplier() -> WrapMultiplier | None:
     """Return GMP's wrap-around multiplication, or ``None`` where it cannot be trusted.
 
-    ``None`` when the GMP that gmpy2 uses cannot be found, is not GMP 6, lacks
-    the function, or gives a wrong result in the self-test.
+    ``None`` when the GMP that gmpy2 uses cannot be found, is not GMP 6 with
+    64-bit limbs, lacks the function, when gmpy2's numbers are not laid out
+    as its ``gmpy2.h`` says, or when the self-test gives a wrong result.
     """
+    layout = _mpz_layout()
+    if layout is None:
+        logger.debug("gmpy2's numbers are not laid out as expected: full products")
+        return None
     library = _load_gmp()
     if library is None:
         return None
     try:
         version = ctypes.c_char_p.in_dll(library, "__gmp_version").value or b""
+        limb_bits = ctypes.c_int.in_dll(library, "__gmp_bits_per_limb").value
         multiply = library.__gmpn_mulmod_bnm1
         next_size = library.__gmpn_mulmod_bnm1_next_size
     except (AttributeError, ValueError):
         logger.debug("GMP without a wrap-around multiplication: full products")
         return None
     major = version.split(b".")[0]
-    if not major.isdigit() or int(major) != _SUPPORTED_MAJOR:
+    if not major.isdigit() or int(major) != _SUPPORTED_MAJOR or limb_bits != 64:
         shown = version.decode(errors="replace")
-        logger.debug("GMP %s is not GMP 6: full products", shown)
+        logger.debug(
+            "GMP %s (%d-bit limbs) is not supported: full products", shown, limb_bits
+        )
         return None
     multiply.restype = None
     multiply.argtypes = [
@@ -175,7 +212,7 @@ def wrap_multiplier() -> WrapMultiplier | None:
     ]
     next_size.restype = _SIZE
     next_size.argtypes = [_SIZE]
-    candidate = WrapMultiplier(multiply, next_size)
+    candidate = WrapMultiplier(multiply, next_size, layout)
     if not _self_test(candidate.multiply, candidate.modulus_bits):
         logger.warning("GMP's wrap-around multiplication failed its self-test")
         return None
