@@ -3,6 +3,7 @@
     .venv/bin/python bench/batchgcd.py                       # 10k and 100k, 2 jobs
     .venv/bin/python bench/batchgcd.py --sizes 1000000       # the 1M run
     .venv/bin/python bench/batchgcd.py --sizes 1000000 --spill   # levels on disk
+    .venv/bin/python bench/batchgcd.py --sizes 1000000 --peer-sizes 1000000
 
 Each size runs in a fresh process, so that its peak memory (the process and
 its workers together, sampled from /proc every 50 ms) is its own. The run
@@ -20,6 +21,9 @@ sizes. The planted ones are real RSA-2048 moduli from a small pool of
 1024-bit primes: pairs that share one prime, and one modulus that shares
 both of its primes with two others.
 
+The peer in the same run is the plain tree the issue names: one process,
+gmpy2's product tree, then ``P mod n**2`` down the remainder tree with gmpy2's
+division (what a straightforward implementation does), at ``--peer-sizes``.
 The C reference (fastgcd) is not in any package registry; the maintainers
 run it side by side on the same machine.
 """
@@ -194,6 +198,48 @@ def run_one(count: int, jobs: int, spill: bool, seed: int) -> dict[str, object]:
     }
 
 
+def plain_batch_gcd(moduli: list[int]) -> list[int]:
+    """The peer: one process, product tree, then ``P mod n**2`` all the way down."""
+    levels = [[gmpy2.mpz(n) for n in moduli]]
+    while len(levels[-1]) > 1:
+        below = levels[-1]
+        levels.append(
+            [below[i] * below[i + 1] for i in range(0, len(below) - 1, 2)]
+            + ([below[-1]] if len(below) % 2 else [])
+        )
+    remainders = levels.pop()
+    while levels:
+        level = levels.pop()
+        remainders = [remainders[i // 2] % (n * n) for i, n in enumerate(level)]
+    return [int(gmpy2.gcd(r // n, n)) for r, n in zip(remainders, moduli, strict=True)]
+
+
+def run_peer(count: int, seed: int) -> dict[str, object]:
+    """Generate, run and check one size with the plain tree; return its figures."""
+    moduli, planted = make_moduli(count, seed)
+    cpu_before = _cpu_seconds()
+    with _PeakMemory() as memory:
+        started = time.perf_counter()
+        gcds = plain_batch_gcd(moduli)
+        seconds = time.perf_counter() - started
+    found = {f.factor: set(f.indices) for f in split_shared(moduli, gcds)}
+    return {
+        "moduli": count,
+        "seconds": round(seconds, 2),
+        "cpu_seconds": round(_cpu_seconds() - cpu_before, 1),
+        "peak_bytes": memory.peak,
+        "correct": found == planted,
+    }
+
+
+def _run_fresh(arguments: list[str]) -> dict[str, object]:
+    """Run this script with ``arguments`` in a fresh process; return its figures."""
+    command = [sys.executable, __file__, *arguments]
+    output = subprocess.run(command, check=True, capture_output=True, text=True)
+    row: dict[str, object] = json.loads(output.stdout.strip().splitlines()[-1])
+    return row
+
+
 def pairwise(count: int, seed: int) -> float:
     """Seconds for the all-pairs GCD of ``count`` moduli (the naive baseline)."""
     moduli = [gmpy2.mpz(n) for n in make_moduli(count, seed)[0]]
@@ -210,29 +256,30 @@ def main() -> None:
     parser.add_argument("--sizes", default="10000,100000")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--spill", action="store_true", help="tree levels on disk")
+    parser.add_argument(
+        "--peer-sizes",
+        default="10000,100000",
+        help="sizes for the plain single-process tree ('' for none)",
+    )
     parser.add_argument("--pairwise", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=2012)
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--peer-one", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.one:
         print(json.dumps(run_one(args.one, args.jobs, args.spill, args.seed)))
         return
+    if args.peer_one:
+        print(json.dumps(run_peer(args.peer_one, args.seed)))
+        return
 
-    rows = []
-    for size in (int(s) for s in args.sizes.split(",")):
-        command = [
-            sys.executable,
-            __file__,
-            "--one",
-            str(size),
-            "--jobs",
-            str(args.jobs),
-        ]
-        command += ["--seed", str(args.seed)] + (["--spill"] if args.spill else [])
-        output = subprocess.run(command, check=True, capture_output=True, text=True)
-        row = json.loads(output.stdout.strip().splitlines()[-1])
-        rows.append(row)
+    rows = {}
+    for size in (int(s) for s in args.sizes.split(",") if s):
+        arguments = ["--one", str(size), "--jobs", str(args.jobs)]
+        arguments += ["--seed", str(args.seed)] + (["--spill"] if args.spill else [])
+        row = _run_fresh(arguments)
+        rows[size] = row
         print(
             f"{row['moduli']:>9,} moduli  jobs={row['jobs']}  "
             f"spill={row['spill']!s:5}  {row['seconds']:>8.1f} s  "
@@ -242,11 +289,26 @@ def main() -> None:
             f"generated in {row['generate_seconds']} s)",
             flush=True,
         )
-    for a, b in itertools.pairwise(rows):
+    for a, b in itertools.pairwise(rows.values()):
         exponent = math.log(b["seconds"] / a["seconds"]) / math.log(
             b["moduli"] / a["moduli"]
         )
         print(f"growth exponent {a['moduli']:,} -> {b['moduli']:,}: {exponent:.2f}")
+    for size in (int(s) for s in args.peer_sizes.split(",") if s):
+        peer = _run_fresh(["--peer-one", str(size), "--seed", str(args.seed)])
+        line = (
+            f"{size:>9,} moduli  plain single-process gmpy2 tree  "
+            f"{peer['seconds']:>8.1f} s  (cpu {peer['cpu_seconds']:.0f} s)  "
+            f"peak {peer['peak_bytes'] / 2**30:5.2f} GiB  correct={peer['correct']}"
+        )
+        if size in rows:
+            ours = rows[size]
+            line += (
+                f"  ours/plain: wall {ours['seconds'] / peer['seconds']:.2f}x, "
+                f"cpu {ours['cpu_seconds'] / peer['cpu_seconds']:.2f}x, "
+                f"memory {ours['peak_bytes'] / peer['peak_bytes']:.2f}x"
+            )
+        print(line, flush=True)
     if args.pairwise:
         seconds = pairwise(args.pairwise, args.seed)
         pairs = args.pairwise * (args.pairwise - 1) / 2
