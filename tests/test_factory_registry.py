@@ -178,6 +178,34 @@ def test_records_hold_what_was_issued(issuer: Issuer) -> None:
     assert second.issued_at.tzinfo is not None
 
 
+def test_iter_units_streams_every_unit_without_holding_up_issuers(
+    issuer: Issuer,
+    factory_dir: Path,
+    registry_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(factory_registry, "_STREAM_BATCH", 2)
+    monkeypatch.setattr(factory_registry, "_BUSY_TIMEOUT_MS", 3000)
+    for n in range(5):
+        issuer.issue(csr_pem(ec_key(), f"s{n}"), f"s{n}")
+    assert issuer.registry.count_units() == 5
+
+    stream = issuer.registry.iter_units()
+    first = next(stream)
+    # A reader in the middle of its read must not block another issuer
+    # (SQLite: no write lock for the reader; PostgreSQL: no row locks).
+    other = _second_issuer(factory_dir, registry_url)
+    try:
+        other.issue(csr_pem(ec_key(), "s5"), "s5")
+    finally:
+        other.registry.close()
+    rest = [unit.serial for unit in stream]
+
+    # One snapshot: the unit issued during the read is not in it.
+    assert [first.serial, *rest] == [f"s{n}" for n in range(5)]
+    assert [u.serial for u in issuer.registry.iter_units()][-1] == "s5"
+
+
 def test_duplicate_serial_and_key_are_refused(issuer: Issuer) -> None:
     key = ec_key()
     issuer.issue(csr_pem(key, "b1"), "b1")

@@ -3,8 +3,8 @@
 Every unit the registry holds is audited by the key of its current
 certificate, under its serial; revoked units too, since their keys may still
 be in the field. The registry is read through its public API
-(:meth:`unitcert.factory.registry.Registry.list_units`), which loads the unit
-list in one query.
+(:meth:`unitcert.factory.registry.Registry.iter_units`), a batch of rows at a
+time, so a registry of millions of units is never in memory at once.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ class RegistrySource:
                 ``postgresql+psycopg://user@host/db``).
         """
         self.url = url
-        self._units: list[RegisteredUnit] | None = None
+        self._count: int | None = None
         try:
             self._name = sa.make_url(url).render_as_string(hide_password=True)
         except sa.exc.ArgumentError:
@@ -45,16 +45,6 @@ class RegistrySource:
     def for_directory(cls, directory: Path) -> RegistrySource:
         """Return the source for the SQLite registry of a factory folder."""
         return cls(default_url(directory))
-
-    def _load(self) -> list[RegisteredUnit]:
-        if self._units is None:
-            with Registry(self.url) as registry:
-                self._name = registry.display_url
-                self._units = registry.list_units()
-            logger.info(
-                "read %d units from the registry %s", len(self._units), self._name
-            )
-        return self._units
 
     def describe(self) -> str:
         """Return "registry URL" (without a password)."""
@@ -66,7 +56,11 @@ class RegistrySource:
         Raises:
             RegistryError: the registry cannot be opened or read.
         """
-        return len(self._load())
+        if self._count is None:
+            with Registry(self.url) as registry:
+                self._name = registry.display_url
+                self._count = registry.count_units()
+        return self._count
 
     def records(
         self,
@@ -78,20 +72,33 @@ class RegistrySource:
         Raises:
             RegistryError: the registry cannot be opened or read.
         """
-        for unit in self._load():
-            location = f"{self._name}#{unit.serial}"
-            try:
-                der = _pem_to_der(unit.cert_pem)
-                record = cert_record(
-                    der, unit=unit.serial, source="registry", location=location
-                )
-            except InputError as exc:
-                problems.append(SourceProblem(location, str(exc)))
-                record = None
-            if record is not None:
-                yield record
-            if advance is not None:
-                advance(1)
+        read = 0
+        with Registry(self.url) as registry:
+            self._name = registry.display_url
+            for unit in registry.iter_units():
+                read += 1
+                record = self._record(unit, problems)
+                if record is not None:
+                    yield record
+                if advance is not None:
+                    advance(1)
+        logger.info("read %d units from the registry %s", read, self._name)
+
+    def _record(
+        self, unit: RegisteredUnit, problems: list[SourceProblem]
+    ) -> KeyRecord | None:
+        location = f"{self._name}#{unit.serial}"
+        try:
+            return cert_record(
+                _pem_to_der(unit.cert_pem),
+                unit=unit.serial,
+                source="registry",
+                location=location,
+                serial=unit.serial.lower(),
+            )
+        except InputError as exc:
+            problems.append(SourceProblem(location, str(exc)))
+            return None
 
 
 def _pem_to_der(pem: str) -> bytes:

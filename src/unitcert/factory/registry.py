@@ -228,8 +228,15 @@ def _sqlite_connect(dbapi_connection: Any, connection_record: Any) -> None:
 
 def _sqlite_begin(connection: sa.Connection) -> None:
     # A writer takes the database's write lock at the start, so two writers
-    # queue on busy_timeout instead of failing to upgrade a read lock.
-    connection.exec_driver_sql("BEGIN IMMEDIATE")
+    # queue on busy_timeout instead of failing to upgrade a read lock. A long
+    # reader (iter_units) takes none: in WAL mode it reads one snapshot and
+    # issuing goes on beside it.
+    read_only = connection.get_execution_options().get(_READ_ONLY, False)
+    connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+
+
+_READ_ONLY = "unitcert_read_only"
+_STREAM_BATCH = 1000
 
 
 class Registry:
@@ -380,6 +387,44 @@ class Registry:
         with self._mapped_errors("read"), self._sessions() as session:
             rows = session.execute(sa.select(UnitRow).order_by(UnitRow.id)).scalars()
             return [RegisteredUnit.from_row(row) for row in rows]
+
+    def count_units(self) -> int:
+        """How many units the registry holds.
+
+        Raises:
+            RegistryError: the database failed.
+        """
+        with self._mapped_errors("read"), self._sessions() as session:
+            return int(
+                session.execute(
+                    sa.select(sa.func.count()).select_from(UnitRow)
+                ).scalar_one()
+            )
+
+    def iter_units(self) -> Iterator[RegisteredUnit]:
+        """Every unit, in the order they were first issued, read in batches.
+
+        Unlike :meth:`list_units`, a registry of tens of millions of units is
+        never in memory at once: rows come from a server-side cursor
+        (PostgreSQL) or a stepped query (SQLite) a batch at a time, within
+        one read-only transaction that does not hold up issuing.
+
+        Raises:
+            RegistryError: the database failed.
+        """
+        with self._mapped_errors("read"), self.engine.connect() as connection:
+            connection.execution_options(**{_READ_ONLY: True})
+            with orm.Session(connection) as session:
+                query = (
+                    sa.select(UnitRow)
+                    .order_by(UnitRow.id)
+                    .execution_options(yield_per=_STREAM_BATCH)
+                )
+                for row in session.execute(query).scalars():
+                    yield RegisteredUnit.from_row(row)
+                    # The session holds rows weakly; expunge keeps a caller
+                    # that holds on to nothing from growing it.
+                    session.expunge(row)
 
     def find(self, serial: str) -> RegisteredUnit | None:
         """The unit with ``serial``, or None.
