@@ -80,12 +80,18 @@ class _CA:
     cert: x509.Certificate
 
     def issue(
-        self, public_key: CertificatePublicKeyTypes, name: str
+        self,
+        public_key: CertificatePublicKeyTypes,
+        name: str,
+        serial: str | None = None,
     ) -> x509.Certificate:
         now = dt.datetime(2026, 3, 1, tzinfo=dt.UTC)
+        attributes = [x509.NameAttribute(NameOID.COMMON_NAME, name)]
+        if serial is not None:
+            attributes.append(x509.NameAttribute(NameOID.SERIAL_NUMBER, serial))
         return (
             x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .subject_name(x509.Name(attributes))
             .issuer_name(self.cert.subject)
             .public_key(public_key)
             .serial_number(x509.random_serial_number())
@@ -112,6 +118,28 @@ def _make_ca() -> _CA:
         .sign(key, hashes.SHA256())
     )
     return _CA(key, cert)
+
+
+def _default_certificate(key: ec.EllipticCurvePrivateKey) -> x509.Certificate:
+    """What a firmware build puts in every unit: self-signed, CA:TRUE."""
+    name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.COMMON_NAME, "router.local"),
+            x509.NameAttribute(NameOID.SERIAL_NUMBER, "0000"),
+        ]
+    )
+    now = dt.datetime(2025, 1, 1, tzinfo=dt.UTC)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + dt.timedelta(days=7300))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+        .sign(key, hashes.SHA256())
+    )
 
 
 def _pem(cert: x509.Certificate) -> bytes:
@@ -307,6 +335,25 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, prime_pool: list[int]) -> Fl
         (_pem(ca.issue(good_host.public_key(), "host2")), key_pem(good_host))
     )
 
+    # A firmware's default certificate (self-signed, CA:TRUE, a fixed serial)
+    # in a firmware dump and served by hosts 3 and 4: three units, one key.
+    default_key = ec.generate_private_key(ec.SECP256R1())
+    default_cert = _pem(_default_certificate(default_key))
+    (planted / "firmware-dump.pem").write_bytes(default_cert)
+    servers += [(default_cert, key_pem(default_key))] * 2
+    expected.add(
+        (
+            "duplicate-key",
+            frozenset({_unit(planted / "firmware-dump.pem"), "@host3", "@host4"}),
+        )
+    )
+
+    # One unit's certificate and its reissue (same key, same serial), in two
+    # files: one unit, no finding.
+    reissued = ec.generate_private_key(ec.SECP256R1()).public_key()
+    (planted / "unit-77-2025.pem").write_bytes(_pem(ca.issue(reissued, "u77", "U77")))
+    (planted / "unit-77-2026.pem").write_bytes(_pem(ca.issue(reissued, "u77", "u77")))
+
     return Fleet(root, expected, servers, [p1, q1, r1, p2, q2, r2, s2], ca, spare[16:])
 
 
@@ -360,13 +407,9 @@ def hosts(fleet: Fleet, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pa
     lines = ["# the fleet's live units"]
     lines += [f"127.0.0.1:{s.port}" for s in servers] + [f"127.0.0.1:{dead_port}"]
     hosts_file.write_text("\n".join(lines) + "\n")
+    live = {f"@host{i}": f"127.0.0.1:{server.port}" for i, server in enumerate(servers)}
     fleet.expected = {
-        (
-            kind,
-            frozenset(
-                u.replace("@host0", f"127.0.0.1:{servers[0].port}") for u in units
-            ),
-        )
+        (kind, frozenset(live.get(u, u) for u in units))
         for kind, units in fleet.expected
     }
     try:
@@ -601,12 +644,9 @@ def test_audit_reads_the_factory_registry_with_files(
 ) -> None:
     ca, (g1, g2, p, q, r) = fleet.ca, fleet.spare[:5]
     twin = ec.generate_private_key(ec.SECP256R1()).public_key()
+    keys = [ec.generate_private_key(ec.SECP256R1()).public_key() for _ in range(30)]
     units = [
-        (
-            f"r-{i:03}",
-            ca.issue(ec.generate_private_key(ec.SECP256R1()).public_key(), f"r{i}"),
-        )
-        for i in range(30)
+        (f"r-{i:03}", ca.issue(key, f"r{i}", f"r-{i:03}")) for i, key in enumerate(keys)
     ]
     units += [
         ("r-100", ca.issue(twin, "r100")),
@@ -618,6 +658,10 @@ def test_audit_reads_the_factory_registry_with_files(
     files = tmp_path / "files"
     files.mkdir()
     (files / "legacy.pem").write_bytes(_spki_pem(_rsa_public(p * r)))
+    # The same units seen again: r-005's registered certificate, and a
+    # reissue of r-006's for the same key. Neither is a second unit.
+    (files / "exported.pem").write_bytes(_pem(units[5][1]))
+    (files / "r6-reissue.pem").write_bytes(_pem(ca.issue(keys[6], "r6", "R-006")))
     expected = {
         ("duplicate-key", frozenset({"r-100", "r-101"})),
         ("shared-prime", frozenset({"r-103", str(files / "legacy")})),

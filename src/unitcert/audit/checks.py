@@ -10,9 +10,11 @@ Three checks run over the records of every source:
   distinct key (ROCA, Fermat, small factors, published and blocklisted keys,
   invalid or small RSA parameters).
 
-A unit seen twice (the same unit name from two files, or the same
-certificate from a file and from a live host) is one unit: it is not a
-duplicate of itself.
+A unit seen twice (the same unit name from two files, the same certificate
+from a file and from a live host, the same serial and key in a registry and
+a reissued certificate) is one unit: it is not a duplicate of itself. The
+same certificate on two hosts or in two files is two units
+(:func:`distinct_units`).
 
 Findings never carry a private key or a prime: a shared prime is named by
 the first 16 hex digits of its SHA-256.
@@ -119,7 +121,21 @@ class Finding:
 
 
 def distinct_units(records: Iterable[KeyRecord]) -> list[list[KeyRecord]]:
-    """Group records into units: same unit name, or same certificate, is one unit.
+    """Group records into units.
+
+    Records are one unit when any of these holds:
+
+    * they have the same unit name (the same file stem, host or serial);
+    * they carry the same certificate, seen once in each of several kinds of
+      source (a unit's certificate in a file and served by one live host);
+    * they state the same unit serial for the same key (a reissued
+      certificate in two files, a registry entry and the unit serving it).
+
+    Distinct names within one kind of source are distinct units even when
+    they carry the very same certificate: the same certificate on two hosts,
+    or in two firmware images, is the shared default certificate that the
+    audit exists to find, so its serial (often fixed in such a certificate)
+    merges nothing either.
 
     Returns:
         The groups, each a list of records, ordered by first appearance.
@@ -133,20 +149,48 @@ def distinct_units(records: Iterable[KeyRecord]) -> list[list[KeyRecord]]:
             i = parent[i]
         return i
 
-    first_of: dict[tuple[str, str], int] = {}
-    for index, record in enumerate(items):
-        keys = [("unit", record.unit)]
-        if record.cert_sha256 is not None:
-            keys.append(("cert", record.cert_sha256))
-        for key in keys:
-            if key in first_of:
-                parent[find(index)] = find(first_of[key])
+    def join(indices: Iterable[int]) -> None:
+        first = None
+        for index in indices:
+            if first is None:
+                first = find(index)
             else:
-                first_of[key] = index
+                parent[find(index)] = first
+
+    by_name: dict[str, list[int]] = {}
+    by_cert: dict[str, list[int]] = {}
+    for index, record in enumerate(items):
+        by_name.setdefault(record.unit, []).append(index)
+        if record.cert_sha256 is not None:
+            by_cert.setdefault(record.cert_sha256, []).append(index)
+    for indices in by_name.values():
+        join(indices)
+
+    shared_certs = set()
+    for cert, indices in by_cert.items():
+        names_by_source: dict[str, set[str]] = {}
+        for index in indices:
+            names_by_source.setdefault(items[index].source, set()).add(
+                items[index].unit
+            )
+        if any(len(names) > 1 for names in names_by_source.values()):
+            shared_certs.add(cert)
+        else:
+            join(indices)
+
+    by_serial: dict[tuple[str, tuple[str, object]], list[int]] = {}
+    for index, record in enumerate(items):
+        if record.serial is not None and record.cert_sha256 not in shared_certs:
+            key = (record.serial, _key_identity(record))
+            by_serial.setdefault(key, []).append(index)
+    for indices in by_serial.values():
+        join(indices)
+
+    # Indices ascend, so the groups come out in order of first appearance.
     groups: dict[int, list[KeyRecord]] = {}
     for index, record in enumerate(items):
         groups.setdefault(find(index), []).append(record)
-    return [groups[root] for root in sorted(groups)]
+    return list(groups.values())
 
 
 def _affected(group: Sequence[KeyRecord]) -> AffectedUnit:
@@ -203,6 +247,12 @@ def find_duplicate_keys(records: Sequence[KeyRecord]) -> list[Finding]:
         )
         if len(exponents) > 1:
             detail += " (their public exponents differ, the private key is the same)"
+        certificates = {r.cert_sha256 for r in group}
+        if len(certificates) == 1 and None not in certificates:
+            detail += (
+                "; it is the very same certificate on each, as a default "
+                "certificate built into the firmware is"
+            )
         findings.append(Finding("duplicate-key", detail, units, group[0].key_type))
     return findings
 

@@ -53,21 +53,32 @@ def _units_text(
     return ", ".join(names) + (f" and {more} more" if more > 0 else "")
 
 
+def _count(number: int, noun: str, plural: str | None = None) -> str:
+    return f"{number:,} {noun if number == 1 else plural or noun + 's'}"
+
+
 def print_summary(report: AuditReport, console: Console | None = None) -> None:
     """Print the verdict, counts per kind and the first findings of each kind."""
     console = console or Console()
     console.print(
-        f"Audited {report.units:,} units ({report.distinct_keys:,} distinct keys, "
-        f"{report.rsa_moduli:,} RSA moduli) from {', '.join(report.sources)} in "
-        f"{report.seconds:.1f} s; batch GCD on {report.mode}."
+        f"Audited {_count(report.units, 'unit')} "
+        f"({_count(report.distinct_keys, 'distinct key')}, "
+        f"{_count(report.rsa_moduli, 'RSA modulus', 'RSA moduli')}) from "
+        f"{', '.join(report.sources)} in {report.seconds:.1f} s; batch GCD on "
+        f"{report.mode}."
     )
     if report.problems:
+        first = report.problems[0]
         console.print(
-            f"[yellow]{len(report.problems):,} item(s) could not be read[/yellow], "
-            f"e.g. {report.problems[0].location}: {report.problems[0].reason}"
+            f"[yellow]{_count(len(report.problems), 'item')} could not be read and "
+            f"{'is' if len(report.problems) == 1 else 'are'} not audited[/yellow], "
+            f"e.g. {first.location}: {first.reason}"
         )
     if report.clean:
-        console.print("[bold green]No findings: no shared, weak or known keys.[/]")
+        scope = " among the units read" if report.problems else ""
+        console.print(
+            f"[bold green]No findings{scope}: no shared, weak or known keys.[/]"
+        )
         return
 
     folder = _common_folder(report)
@@ -88,8 +99,9 @@ def print_summary(report: AuditReport, console: Console | None = None) -> None:
         )
     console.print(table)
     console.print(
-        f"[bold red]{len(report.findings):,} finding(s) on "
-        f"{report.affected_units:,} unit(s).[/] Use --json or --html for every unit."
+        f"[bold red]{_count(len(report.findings), 'finding')} on "
+        f"{_count(report.affected_units, 'unit')}.[/] Use --json or --html for every "
+        "unit."
     )
 
 
@@ -255,7 +267,7 @@ def _finding_rows(report: AuditReport) -> str:
             f'<td class="kind">{html.escape(finding.title)}</td>'
             f"<td>{html.escape(finding.key_type)} {status}</td>"
             f"<td>{html.escape(finding.detail)}"
-            f"<details><summary>{len(units):,} unit(s)</summary><ul>{listed}</ul>"
+            f"<details><summary>{_count(len(units), 'unit')}</summary><ul>{listed}</ul>"
             "</details></td></tr>"
         )
     return "".join(rows)

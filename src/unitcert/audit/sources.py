@@ -108,7 +108,10 @@ class KeyRecord:
         loadable: False when ``cryptography`` refuses the key (invalid RSA
             parameters, for instance); its numbers are still checked.
         cert_sha256: SHA-256 (hex) of the certificate, when a certificate
-            carried the key: the same certificate seen twice is one unit.
+            carried the key.
+        serial: the unit serial the record states, lowercased: the
+            registry's serial, or the serialNumber in the subject of the
+            certificate or CSR that carried the key.
         subject: the certificate's or CSR's subject, for the report.
         issued: the certificate's notBefore, for the report's timeline.
         batch: the production batch, when the source knows it.
@@ -126,6 +129,7 @@ class KeyRecord:
     rsa_e: int | None = None
     loadable: bool = True
     cert_sha256: str | None = None
+    serial: str | None = None
     subject: str | None = None
     issued: dt.datetime | None = None
     batch: str | None = None
@@ -258,6 +262,7 @@ def key_record(
     location: str,
     form: str,
     cert_sha256: str | None = None,
+    serial: str | None = None,
     subject: str | None = None,
     issued: dt.datetime | None = None,
     batch: str | None = None,
@@ -273,6 +278,7 @@ def key_record(
         location: where exactly the key was read.
         form: what carried the key (``"certificate"``, ``"csr"``, ...).
         cert_sha256: the certificate's SHA-256 (hex), when there is one.
+        serial: the unit serial the source or the subject states.
         subject: the certificate's or CSR's subject.
         issued: the certificate's notBefore.
         batch: the production batch.
@@ -303,6 +309,7 @@ def key_record(
             rsa_e=e,
             loadable=False,
             cert_sha256=cert_sha256,
+            serial=serial,
             subject=subject,
             issued=issued,
             batch=batch,
@@ -327,6 +334,7 @@ def key_record(
         rsa_n=n_value,
         rsa_e=e_value,
         cert_sha256=cert_sha256,
+        serial=serial,
         subject=subject,
         issued=issued,
         batch=batch,
@@ -339,6 +347,14 @@ def _is_ca(cert: x509.Certificate) -> bool:
     except x509.ExtensionNotFound:
         return False
     return constraints.value.ca
+
+
+def _stated_serial(name: x509.Name) -> str | None:
+    """Return the subject's serialNumber, lowercased, when it has exactly one."""
+    values = [a.value for a in name.get_attributes_for_oid(x509.NameOID.SERIAL_NUMBER)]
+    if len(values) != 1 or not isinstance(values[0], str) or not values[0].strip():
+        return None
+    return values[0].strip().lower()
 
 
 def _subject_text(name: x509.Name) -> str | None:
@@ -356,11 +372,21 @@ def cert_record(
     source: str,
     location: str,
     chain_member: bool = False,
+    serial: str | None = None,
 ) -> KeyRecord | None:
     """Build the record of a DER certificate's key.
 
     Returns None for a CA certificate that is a ``chain_member`` (an issuer
     after a file's first certificate), which is not a unit's key.
+
+    Args:
+        der: the certificate.
+        unit: the unit's name (see the module docstring).
+        source: ``"file"``, ``"host"`` or ``"registry"``.
+        location: where exactly the certificate was read.
+        chain_member: the certificate follows a file's first certificate.
+        serial: the unit's serial when the source knows it (the registry);
+            otherwise the subject's serialNumber, if any.
 
     Raises:
         InputError: the certificate or its key cannot be read.
@@ -376,6 +402,8 @@ def cert_record(
             return None
         subject = _subject_text(cert.subject)
         issued = cert.not_valid_before_utc
+        if serial is None:
+            serial = _stated_serial(cert.subject)
     return key_record(
         spki,
         unit=unit,
@@ -383,6 +411,7 @@ def cert_record(
         location=location,
         form="certificate",
         cert_sha256=hashlib.sha256(der).hexdigest(),
+        serial=serial,
         subject=subject,
         issued=issued,
     )
@@ -390,13 +419,21 @@ def cert_record(
 
 def _csr_record(der: bytes, *, unit: str, location: str) -> KeyRecord:
     spki = spki_from_csr_der(der)
-    subject = None
+    subject = serial = None
     try:
-        subject = _subject_text(x509.load_der_x509_csr(der).subject)
+        name = x509.load_der_x509_csr(der).subject
     except ValueError:
-        subject = None
+        name = None
+    if name is not None:
+        subject, serial = _subject_text(name), _stated_serial(name)
     return key_record(
-        spki, unit=unit, source="file", location=location, form="csr", subject=subject
+        spki,
+        unit=unit,
+        source="file",
+        location=location,
+        form="csr",
+        serial=serial,
+        subject=subject,
     )
 
 
