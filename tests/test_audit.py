@@ -538,6 +538,21 @@ def test_audit_skips_ca_certificates_in_chain_files(
     assert code == 0
 
 
+@pytest.mark.parametrize("option", ["--json", "--html"])
+def test_audit_refuses_a_report_path_it_cannot_write_before_auditing(
+    fleet: Fleet, tmp_path: Path, option: str
+) -> None:
+    for target, reason in (
+        (tmp_path, "is a directory"),
+        (tmp_path / "missing" / "report", "does not exist"),
+    ):
+        code, out, err = _run(str(fleet.root / "planted"), option, str(target), "-q")
+
+        assert code == 2
+        assert reason in err
+        assert "Audited" not in out
+
+
 def test_audit_exits_two_for_a_path_that_does_not_exist(tmp_path: Path) -> None:
     code, _, err = _run(str(tmp_path / "missing"))
 

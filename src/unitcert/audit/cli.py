@@ -7,6 +7,7 @@ unreadable source, a failed worker), with one sentence on stderr.
 from __future__ import annotations
 
 import logging
+import os
 import re
 from pathlib import Path
 
@@ -63,6 +64,24 @@ def _size_option(
     if size <= 0:
         raise click.BadParameter("the memory limit must be above zero", ctx, param)
     return size
+
+
+def _refuse_unwritable(path: Path, option: str) -> None:
+    """Refuse a report path that cannot be written, before a long audit runs."""
+    folder = path.parent if str(path.parent) else Path()
+    if not folder.is_dir():
+        raise click.BadParameter(
+            f"the folder {folder} does not exist: create it or write the report "
+            "elsewhere",
+            param_hint=option,
+        )
+    if not os.access(folder, os.W_OK) or (
+        path.exists() and not os.access(path, os.W_OK)
+    ):
+        raise click.BadParameter(
+            f"{path} cannot be written: choose a file in a folder you can write to",
+            param_hint=option,
+        )
 
 
 @click.command("audit")
@@ -198,6 +217,9 @@ def audit(
                 "or a registry (--db URL or --dir F)",
                 ctx,
             )
+        for path, option in ((json_out, "--json"), (html_out, "--html")):
+            if path is not None:
+                _refuse_unwritable(path, option)
         if workdir is not None and not workdir.is_dir():
             raise click.BadParameter(
                 f"{workdir} is not a folder", param_hint="--workdir"
