@@ -102,22 +102,32 @@ class _CA:
         )
 
 
-def _make_ca() -> _CA:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Test Maker CA")])
-    now = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
-    cert = (
+def _self_signed(
+    key: ec.EllipticCurvePrivateKey,
+    name: x509.Name,
+    *,
+    start: dt.datetime,
+    days: int,
+    path_length: int | None,
+) -> x509.Certificate:
+    return (
         x509.CertificateBuilder()
         .subject_name(name)
         .issuer_name(name)
         .public_key(key.public_key())
         .serial_number(1)
-        .not_valid_before(now)
-        .not_valid_after(now + dt.timedelta(days=3650))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), True)
+        .not_valid_before(start)
+        .not_valid_after(start + dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), True)
         .sign(key, hashes.SHA256())
     )
-    return _CA(key, cert)
+
+
+def _make_ca() -> _CA:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Test Maker CA")])
+    start = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    return _CA(key, _self_signed(key, name, start=start, days=3650, path_length=0))
 
 
 def _default_certificate(key: ec.EllipticCurvePrivateKey) -> x509.Certificate:
@@ -128,18 +138,8 @@ def _default_certificate(key: ec.EllipticCurvePrivateKey) -> x509.Certificate:
             x509.NameAttribute(NameOID.SERIAL_NUMBER, "0000"),
         ]
     )
-    now = dt.datetime(2025, 1, 1, tzinfo=dt.UTC)
-    return (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(1)
-        .not_valid_before(now)
-        .not_valid_after(now + dt.timedelta(days=7300))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-        .sign(key, hashes.SHA256())
-    )
+    start = dt.datetime(2025, 1, 1, tzinfo=dt.UTC)
+    return _self_signed(key, name, start=start, days=7300, path_length=None)
 
 
 def _pem(cert: x509.Certificate) -> bytes:
