@@ -104,7 +104,7 @@ def make_moduli(count: int, seed: int) -> tuple[list[int], dict[int, set[int]]]:
 
     state = gmpy2.random_state(seed)
     pool = [
-        int(gmpy2.next_prime(gmpy2.mpz_urandomb(state, 1024) | (1 << 1023)))
+        int(gmpy2.next_prime(gmpy2.mpz_urandomb(state, 1024) | (3 << 1022)))
         for _ in range(20)
     ]
     # Five pairs that share one prime, and p*q sharing p with p*r and q with q*s.
