@@ -97,7 +97,7 @@ class RegistrySource:
                 serial=unit.serial.lower(),
             )
         except InputError as exc:
-            problems.append(SourceProblem(location, str(exc)))
+            problems.append(SourceProblem(location, str(exc), named=True))
             return None
 
 

@@ -142,10 +142,14 @@ class SourceProblem:
     Attributes:
         location: the file, block or address concerned.
         reason: what went wrong, as a sentence fragment.
+        named: True when the user named the item itself (a hosts-file line, a
+            registry row), so the audit is incomplete without it; False for a
+            file met while walking a folder, which may well hold no key.
     """
 
     location: str
     reason: str
+    named: bool = False
 
 
 class Source(Protocol):
@@ -814,14 +818,14 @@ class HostSource:
         for address, outcome in zip(self.addresses, fetched, strict=True):
             location = str(address)
             if isinstance(outcome, str):
-                problems.append(SourceProblem(location, outcome))
+                problems.append(SourceProblem(location, outcome, named=True))
                 continue
             try:
                 record = cert_record(
                     outcome, unit=location, source="host", location=location
                 )
             except InputError as exc:
-                problems.append(SourceProblem(location, str(exc)))
+                problems.append(SourceProblem(location, str(exc), named=True))
                 continue
             if record is not None:  # a served leaf is never skipped
                 yield record
