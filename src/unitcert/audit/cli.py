@@ -1,12 +1,15 @@
 """``unitcert audit``: find shared, weak and known keys across a fleet.
 
 Exit codes: 0 clean, 1 findings, 2 the audit could not run (bad input, an
-unreadable source, a failed worker), with one sentence on stderr.
+unreadable source, a failed worker) or could not read everything it was told
+to (a host in the hosts file, a registry row), with one sentence on stderr.
+Findings win: a run that found something exits 1 even when it is incomplete.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 from pathlib import Path
@@ -34,6 +37,7 @@ EXIT_CLEAN = 0
 EXIT_FINDINGS = 1
 EXIT_ERROR = 2
 
+_MAX_TIMEOUT = 3600.0
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
 _SIZE_FACTORS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 
@@ -52,6 +56,14 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * _SIZE_FACTORS[match.group(2).lower()])
 
 
+def _finite_option(ctx: click.Context, param: click.Parameter, value: float) -> float:
+    if not math.isfinite(value):
+        raise click.BadParameter(
+            f"give a number of seconds between 0 and {_MAX_TIMEOUT:g}", ctx, param
+        )
+    return value
+
+
 def _size_option(
     ctx: click.Context, param: click.Parameter, value: str | None
 ) -> int | None:
@@ -64,6 +76,38 @@ def _size_option(
     if size <= 0:
         raise click.BadParameter("the memory limit must be above zero", ctx, param)
     return size
+
+
+def _refuse_overwriting_inputs(
+    outputs: dict[str, Path | None], *, inputs: list[Path]
+) -> None:
+    """Refuse a report path that is one of the audit's inputs or the other report.
+
+    An input is a file named on the command line, a file already inside a
+    folder named there, the hosts file, or the registry's database files.
+    """
+    named = {os.path.realpath(path) for path in inputs if not path.is_dir()}
+    folders = [os.path.realpath(path) for path in inputs if path.is_dir()]
+    seen: dict[str, str] = {}
+    for option, path in outputs.items():
+        if path is None:
+            continue
+        real = os.path.realpath(path)
+        inside = path.exists() and any(
+            os.path.commonpath([folder, real]) == folder for folder in folders
+        )
+        if real in named or inside:
+            raise click.BadParameter(
+                f"{path} is one of the audit's inputs: write the report to a new file",
+                param_hint=option,
+            )
+        if real in seen:
+            raise click.BadParameter(
+                f"{path} is also the {seen[real]} report: give each report its own "
+                "file",
+                param_hint=option,
+            )
+        seen[real] = option
 
 
 def _refuse_unwritable(path: Path, option: str) -> None:
@@ -119,7 +163,8 @@ def _refuse_unwritable(path: Path, option: str) -> None:
 )
 @click.option(
     "--timeout",
-    type=click.FloatRange(min=0, min_open=True),
+    type=click.FloatRange(min=0, max=_MAX_TIMEOUT, min_open=True),
+    callback=_finite_option,
     default=DEFAULT_TIMEOUT,
     show_default=True,
     help="Seconds to wait for each host's TLS handshake.",
@@ -187,20 +232,24 @@ def audit(
     keys that several units share, RSA moduli that share a prime (batch GCD),
     and keys that badkeys' checks or the published-key list flag.
 
-    Exit status: 0 clean, 1 findings, 2 the audit could not run.
+    Exit status: 0 clean, 1 findings, 2 the audit could not run, or found
+    nothing but could not read every host or registry row it was given.
     """
     try:
         sources: list[Source] = []
         if db_url is not None and factory_dir is not None:
             raise click.UsageError("give --db or --dir, not both", ctx)
+        registry_files: list[Path] = []
         if db_url is not None or factory_dir is not None:
             from unitcert.audit.registry import RegistrySource
 
-            sources.append(
+            registry = (
                 RegistrySource(db_url)
                 if db_url is not None
                 else RegistrySource.for_directory(factory_dir or Path())
             )
+            sources.append(registry)
+            registry_files = registry.files()
         if paths:
             sources.append(FileSource(paths))
         if hosts_file is not None:
@@ -220,10 +269,27 @@ def audit(
         for path, option in ((json_out, "--json"), (html_out, "--html")):
             if path is not None:
                 _refuse_unwritable(path, option)
+        _refuse_overwriting_inputs(
+            {"--json": json_out, "--html": html_out},
+            inputs=[*paths, *([hosts_file] if hosts_file else []), *registry_files],
+        )
+        if dask_address is not None:
+            from unitcert.audit.distributed import check_dask_address
+
+            check_dask_address(dask_address)
         if workdir is not None and not workdir.is_dir():
             raise click.BadParameter(
                 f"{workdir} is not a folder", param_hint="--workdir"
             )
+        cpus = os.cpu_count() or 1
+        if jobs > cpus:
+            logger.warning(
+                "--jobs %d is more than this machine's %d CPUs: using %d processes",
+                jobs,
+                cpus,
+                cpus,
+            )
+            jobs = cpus
         settings = AuditSettings(
             jobs=jobs,
             memory_limit=memory_limit,
@@ -242,8 +308,29 @@ def audit(
         click.echo(f"unitcert: error: {' '.join(str(exc).split())}", err=True)
         ctx.exit(EXIT_ERROR)
 
-    print_summary(report)
-    ctx.exit(EXIT_CLEAN if report.clean else EXIT_FINDINGS)
+    try:
+        print_summary(report)
+    except OSError as exc:
+        # Not even the verdict could be shown: the run did not do its job.
+        logger.debug("cannot print the summary", exc_info=True)
+        click.echo(
+            f"unitcert: error: cannot print the audit's summary "
+            f"({exc.strerror or exc}): use --json or --html to keep the results",
+            err=True,
+        )
+        ctx.exit(EXIT_ERROR)
+    if not report.clean:
+        ctx.exit(EXIT_FINDINGS)
+    if report.incomplete:
+        missed = [p for p in report.problems if p.named]
+        click.echo(
+            f"unitcert: error: {len(missed):,} of the hosts or registry units given "
+            f"could not be audited (first: {missed[0].location}: {missed[0].reason}), "
+            "so the fleet is not known to be clean: see --json for every one",
+            err=True,
+        )
+        ctx.exit(EXIT_ERROR)
+    ctx.exit(EXIT_CLEAN)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from unitcert.quality.batchgcd import (
     plan_groups,
 )
 
-__all__ = ["DEFAULT_CONNECT_TIMEOUT", "batch_gcd_on_dask"]
+__all__ = ["DEFAULT_CONNECT_TIMEOUT", "batch_gcd_on_dask", "check_dask_address"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +61,41 @@ def _descend(tree: GroupTree, others: Any) -> list[int]:
     return descend_group_tree(tree, others)
 
 
+_SCHEMES = ("tcp", "tls", "ws", "wss", "ucx", "inproc")
+
+
+def _import_distributed() -> Any:
+    try:
+        return importlib.import_module("distributed")
+    except ImportError:
+        raise InputError(
+            "--dask needs Dask's distributed scheduler: install unitcert with the "
+            "fleet extra (pip install 'unitcert[fleet]')"
+        ) from None
+
+
+def check_dask_address(address: str) -> None:
+    """Refuse a scheduler address that Dask cannot parse, before any work.
+
+    Raises:
+        InputError: Dask is not installed, or the address is malformed.
+    """
+    addressing: Any = importlib.import_module(
+        _import_distributed().__name__ + ".comm.addressing"
+    )
+    example = "write one like tcp://10.0.0.5:8786"
+    try:
+        scheme, location = addressing.parse_address(address)
+        if scheme in ("tcp", "tls", "ws", "wss"):
+            addressing.parse_host_port(location)
+    except (ValueError, TypeError):
+        raise InputError(
+            f"{address!r} is not a Dask scheduler address: {example}"
+        ) from None
+    if scheme not in _SCHEMES:
+        raise InputError(f"{address!r} uses the unknown protocol {scheme!r}: {example}")
+
+
 def batch_gcd_on_dask(
     moduli: Sequence[int],
     address: str,
@@ -83,15 +118,11 @@ def batch_gcd_on_dask(
         One GCD per modulus, in order.
 
     Raises:
-        InputError: Dask is not installed, or the scheduler cannot be reached.
+        InputError: Dask is not installed, the address is malformed, or the
+            scheduler cannot be reached.
     """
-    try:
-        distributed: Any = importlib.import_module("distributed")
-    except ImportError:
-        raise InputError(
-            "--dask needs Dask's distributed scheduler: install unitcert with the "
-            "fleet extra (pip install 'unitcert[fleet]')"
-        ) from None
+    distributed = _import_distributed()
+    check_dask_address(address)
     if not moduli:
         return []
 

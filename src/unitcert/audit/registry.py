@@ -46,6 +46,17 @@ class RegistrySource:
         """Return the source for the SQLite registry of a factory folder."""
         return cls(default_url(directory))
 
+    def files(self) -> list[Path]:
+        """Return the registry's database files, for an SQLite registry."""
+        try:
+            parsed = sa.make_url(self.url)
+        except sa.exc.ArgumentError:
+            return []
+        if parsed.get_backend_name() != "sqlite" or not parsed.database:
+            return []
+        database = Path(parsed.database)
+        return [database, *(Path(f"{database}{end}") for end in ("-wal", "-shm"))]
+
     def describe(self) -> str:
         """Return "registry URL" (without a password)."""
         return f"registry {self._name}"

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from unitcert.audit.checks import KINDS, AffectedUnit, Finding
@@ -32,11 +33,13 @@ _HTML_UNITS_SHOWN = 50
 
 def _common_folder(report: AuditReport) -> str | None:
     """The folder that every file unit of the findings is under, if any."""
-    paths = {u.name for f in report.findings for u in f.units if u.source == "file"}
-    paths = {p for p in paths if os.path.isabs(p)}
-    if not paths:
+    names = {u.name for f in report.findings for u in f.units if u.source == "file"}
+    # A unit's name is a file path without its extension: its folder is the
+    # name's parent, whatever the name itself looks like.
+    folders = {os.path.dirname(n) for n in names if os.path.isabs(n)}
+    if not folders:
         return None
-    folder = os.path.commonpath(list(paths))
+    folder = os.path.commonpath(list(folders))
     return folder if folder != os.sep else None
 
 
@@ -50,7 +53,10 @@ def _units_text(
         for u in units[:shown]
     ]
     more = len(units) - shown
-    return ", ".join(names) + (f" and {more} more" if more > 0 else "")
+    # Names come from files and hosts: never let them style the terminal.
+    return ", ".join(escape(n) for n in names) + (
+        f" and {more} more" if more > 0 else ""
+    )
 
 
 def _count(number: int, noun: str, plural: str | None = None) -> str:
@@ -64,7 +70,7 @@ def print_summary(report: AuditReport, console: Console | None = None) -> None:
         f"Audited {_count(report.units, 'unit')} "
         f"({_count(report.distinct_keys, 'distinct key')}, "
         f"{_count(report.rsa_moduli, 'RSA modulus', 'RSA moduli')}) from "
-        f"{', '.join(report.sources)} in {report.seconds:.1f} s; batch GCD on "
+        f"{escape(', '.join(report.sources))} in {report.seconds:.1f} s; batch GCD on "
         f"{report.mode}."
     )
     if report.problems:
@@ -72,7 +78,8 @@ def print_summary(report: AuditReport, console: Console | None = None) -> None:
         console.print(
             f"[yellow]{_count(len(report.problems), 'item')} could not be read and "
             f"{'is' if len(report.problems) == 1 else 'are'} not audited[/yellow], "
-            f"e.g. {first.location}: {first.reason}"
+            f"e.g. {escape(first.location)}: {escape(first.reason)} (--json lists "
+            "every one)"
         )
     if report.clean:
         scope = " among the units read" if report.problems else ""
@@ -82,7 +89,7 @@ def print_summary(report: AuditReport, console: Console | None = None) -> None:
         return
 
     folder = _common_folder(report)
-    title = "Findings" + (f" (files under {folder})" if folder else "")
+    title = "Findings" + (f" (files under {escape(folder)})" if folder else "")
     table = Table(title=title, show_lines=False)
     table.add_column("Kind")
     table.add_column("Findings", justify="right")
@@ -156,9 +163,13 @@ def report_json(report: AuditReport) -> dict[str, Any]:
 
 
 def _write(path: Path, text: str) -> None:
+    """Write a report whole or not at all: a new file, then one rename."""
+    partial = path.with_name(f".{path.name}.partial")
     try:
-        path.write_text(text, "utf-8")
+        partial.write_text(text, "utf-8")
+        os.replace(partial, path)
     except OSError as exc:
+        partial.unlink(missing_ok=True)
         raise InputError(
             f"cannot write the report to {path}: {exc.strerror or exc}"
         ) from None
@@ -204,14 +215,24 @@ def _bar_chart(
     if not rows:
         return '<p class="meta">Nothing to show.</p>'
     width, bar_left, row_height = 560, 230, 26
+    texts = [
+        (f"{v:,}" if t is None else f"{v:,} of {t:,}{total_label}")
+        + (f" ({100 * v / t:.0f}%)" if t else "")
+        for _, v, t in rows
+    ]
+    # Room after the longest bar for the longest value text (about 7.5 px a
+    # character at 13 px), so that no text runs off the chart.
+    reserve = 12 + 7.5 * max(len(text) for text in texts)
     peak = max(max(v, t or 0) for _, v, t in rows) or 1
-    scale = (width - bar_left - 110) / peak
+    scale = (width - bar_left - reserve) / peak
     height = row_height * len(rows) + 8
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" '
         f'width="100%" role="img" font-family="system-ui,sans-serif" font-size="13">'
     ]
-    for index, (label, value, total) in enumerate(rows):
+    for index, ((label, value, total), text) in enumerate(
+        zip(rows, texts, strict=True)
+    ):
         y = 4 + index * row_height
         short = label if len(label) <= 32 else label[:31] + "…"
         parts.append(
@@ -227,9 +248,6 @@ def _bar_chart(
             f'<rect x="{bar_left}" y="{y + 3}" width="{value * scale:.1f}" height="16" '
             f'fill="{colour}"/>'
         )
-        share = f" ({100 * value / total:.0f}%)" if total else ""
-        text = f"{value:,}" if total is None else f"{value:,} of {total:,}{total_label}"
-        text += share
         end = max(value, total or 0) * scale
         parts.append(
             f'<text x="{bar_left + end + 6:.1f}" y="{y + 15}">'

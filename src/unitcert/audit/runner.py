@@ -35,7 +35,7 @@ from unitcert.quality.batchgcd import (
     split_shared,
 )
 
-__all__ = ["AuditReport", "AuditSettings", "Cohort", "run_audit"]
+__all__ = ["AuditReport", "AuditSettings", "Cohort", "format_size", "run_audit"]
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class AuditSettings:
             return f"Dask cluster at {self.dask_address}"
         mode = f"{self.jobs} process" + ("" if self.jobs == 1 else "es")
         if self.memory_limit is not None:
-            mode += f", memory limit {self.memory_limit / 2**30:.1f} GiB"
+            mode += f", memory limit {format_size(self.memory_limit)}"
         return mode
 
 
@@ -130,6 +130,11 @@ class AuditReport:
         return not self.findings
 
     @property
+    def incomplete(self) -> bool:
+        """True when an item the user named (a host, a registry row) was not read."""
+        return any(p.named for p in self.problems)
+
+    @property
     def affected_units(self) -> int:
         """How many distinct units some finding names."""
         return len({u.name for f in self.findings for u in f.units})
@@ -147,6 +152,19 @@ def _read_sources(
     return records
 
 
+def format_size(size: float) -> str:
+    """Write a byte count with a binary unit: ``512 B``, ``64.0 KiB``, ``4.0 GiB``."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:,.1f} TiB"
+
+
+def _count_items(number: int) -> str:
+    return f"{number:,} item" + ("" if number == 1 else "s")
+
+
 def _advancer(progress: AuditProgress, stage: str) -> Callable[[int], None]:
     def advance(amount: int) -> None:
         progress.advance(stage, amount)
@@ -162,10 +180,10 @@ def _spill(moduli: Sequence[int], settings: AuditSettings) -> bool:
     spilled = total * _SPILLED_FACTOR
     if spilled > settings.memory_limit:
         logger.warning(
-            "the top of the batch GCD tree needs about %.1f GiB, above the memory "
-            "limit of %.1f GiB; running with tree levels on disk anyway",
-            spilled / 2**30,
-            settings.memory_limit / 2**30,
+            "the top of the batch GCD tree needs about %s, above the memory limit "
+            "of %s; running with tree levels on disk anyway",
+            format_size(spilled),
+            format_size(settings.memory_limit),
         )
     return in_memory > settings.memory_limit
 
@@ -263,9 +281,15 @@ def run_audit(
     records = _read_sources(sources, progress, problems)
     if not records:
         described = ", ".join(s.describe() for s in sources) or "no source"
+        why = (
+            f" ({_count_items(len(problems))} could not be read; first: "
+            f"{problems[0].location}: {problems[0].reason})"
+            if problems
+            else ""
+        )
         raise InputError(
-            f"found no keys to audit in {described}: give certificates, CSRs, public "
-            "keys or SSH host keys, or hosts that answer over TLS"
+            f"found no keys to audit in {described}{why}: give certificates, CSRs, "
+            "public keys or SSH host keys, or hosts that answer over TLS"
         )
 
     findings: list[Finding] = find_duplicate_keys(records)

@@ -310,7 +310,12 @@ class Registry:
     def _mapped_errors(self, action: str) -> Iterator[None]:
         try:
             yield
-        except exc.OperationalError as error:
+        except exc.IntegrityError:
+            # A refused row: callers map it (duplicate_error), it is not a fault.
+            raise
+        except exc.DatabaseError as error:
+            # OperationalError (cannot connect, locked) and the rest, such as
+            # SQLite's "file is not a database".
             raise RegistryError(
                 f"cannot {action} the registry {self.display_url}: "
                 f"{str(error.orig).strip() or type(error.orig).__name__}"
