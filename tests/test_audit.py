@@ -740,3 +740,148 @@ def test_the_issuers_in_chain_files_are_not_units(tmp_path: Path) -> None:
     code, out, _ = _run(str(tmp_path), "--quiet")
 
     assert code == 0, out
+
+
+def _closed_port() -> int:
+    closed = socket.create_server(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()
+    return port
+
+
+def test_audit_is_not_clean_when_a_named_host_could_not_be_read(
+    tmp_path: Path,
+) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    server = _TLSServer(_self_signed_ca_true(key, "clean"), key_pem, tmp_path)
+    dead = f"127.0.0.1:{_closed_port()}"
+    hosts_file = tmp_path / "hosts.txt"
+    hosts_file.write_text(f"127.0.0.1:{server.port}\n{dead}\n")
+    report = tmp_path / "report.json"
+    try:
+        code, _, err = _run(
+            "--hosts", str(hosts_file), "--timeout", "2", "--json", str(report), "-q"
+        )
+    finally:
+        server.close()
+
+    assert code == 2
+    assert "1 of the hosts" in err and dead in err
+    assert "not known to be clean" in err
+    data = json.loads(report.read_text())
+    assert data["units"] == 1 and data["findings"] == []
+
+
+def test_audit_refuses_to_write_a_report_over_one_of_its_inputs(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    folder = tmp_path / "in"
+    shutil.copytree(fleet.root / "planted", folder)
+    victim = sorted(folder.iterdir())[0]
+    before = victim.read_bytes()
+
+    for args in (
+        [str(folder), "--json", str(victim)],
+        [str(victim), "--html", str(victim)],
+    ):
+        code, out, err = _run(*args, "-q")
+
+        assert code == 2
+        assert "one of the audit's inputs" in err
+        assert "Audited" not in out
+    assert victim.read_bytes() == before
+
+
+def test_audit_refuses_one_path_for_both_reports(fleet: Fleet, tmp_path: Path) -> None:
+    both = str(tmp_path / "report")
+
+    code, _, err = _run(str(fleet.root / "ec"), "--json", both, "--html", both)
+
+    assert code == 2
+    assert "give each report its own file" in err
+    assert not (tmp_path / "report").exists()
+
+
+@pytest.mark.parametrize(
+    ("address", "message"),
+    [
+        ("not an address", "is not a Dask scheduler address"),
+        ("tcp://10.0.0.5", "is not a Dask scheduler address"),
+        ("gopher://10.0.0.5:8786", "unknown protocol 'gopher'"),
+    ],
+)
+def test_audit_refuses_a_malformed_dask_address_before_reading(
+    tmp_path: Path, address: str, message: str
+) -> None:
+    pytest.importorskip("distributed")
+    key = ec.generate_private_key(ec.SECP256R1())
+    (tmp_path / "unit.crt").write_bytes(_self_signed_ca_true(key, "unit"))
+
+    code, out, err = _run(str(tmp_path), "--dask", address)
+
+    assert code == 2
+    assert message in err
+    assert "Audited" not in out and "Traceback" not in err
+
+
+@pytest.mark.parametrize("timeout", ["inf", "nan", "0", "7200"])
+def test_audit_refuses_a_timeout_that_is_not_a_sane_number(
+    tmp_path: Path, timeout: str
+) -> None:
+    hosts_file = tmp_path / "hosts.txt"
+    hosts_file.write_text("127.0.0.1:443\n")
+
+    code, _, err = _run("--hosts", str(hosts_file), "--timeout", timeout)
+
+    assert code == 2
+    assert "--timeout" in err
+
+
+def test_audit_caps_jobs_at_the_machines_cpus(
+    fleet: Fleet, caplog: pytest.LogCaptureFixture
+) -> None:
+    import os
+
+    with caplog.at_level("WARNING"):
+        code, _, _ = _run(str(fleet.root / "ec"), "--jobs", "512", "-q")
+
+    assert code == 0
+    assert f"using {os.cpu_count()} processes" in caplog.text
+
+
+def test_audit_summary_prints_file_names_as_they_are(tmp_path: Path) -> None:
+    # A file name is data: rich must not read "[red]" in it as a style.
+    shared = ec.generate_private_key(ec.SECP256R1())
+    for name in ("[red]a", "[bold]b"):
+        (tmp_path / f"{name}.crt").write_bytes(_self_signed_ca_true(shared, name))
+
+    code, out, _ = _run(str(tmp_path), "-q")
+
+    assert code == 1
+    assert "[red]a" in out and "[bold]b" in out
+
+
+def test_audit_reports_a_registry_file_that_is_not_a_database(tmp_path: Path) -> None:
+    (tmp_path / "registry.db").write_bytes(b"not sqlite at all\n" * 200)
+
+    code, _, err = _run("--dir", str(tmp_path))
+
+    assert code == 2
+    assert "registry" in err and "not a database" in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("exponent", [2, 4, 65536])
+def test_an_even_rsa_exponent_is_invalid(prime_pool: list[int], exponent: int) -> None:
+    from unitcert.quality import check_rsa_numbers
+
+    findings = check_rsa_numbers(prime_pool[0] * prime_pool[1], exponent)
+
+    invalid = [f for f in findings if f.check == "rsainvalid"]
+    assert len(invalid) == 1
+    assert str(exponent) in invalid[0].detail
