@@ -42,9 +42,11 @@ logger = logging.getLogger(__name__)
 _CHECK_STAGE = "single-key checks"
 # Peak memory of the batch GCD per byte of moduli, all processes together, as
 # measured by bench/batchgcd.py at 1,000,000 RSA-2048 moduli: with the tree in
-# memory, and with its levels on disk (the top numbers and GMP's scratch).
-_IN_MEMORY_FACTOR = 26
-_SPILLED_FACTOR = 12
+# memory, and with its levels on disk (the top numbers and GMP's scratch):
+# 7.10 GiB and 2.96 GiB for 256 MB of moduli (bench/RESULTS.md, 2026-12-04),
+# rounded up.
+_IN_MEMORY_FACTOR = 30
+_SPILLED_FACTOR = 13
 
 
 @dataclass(frozen=True)
