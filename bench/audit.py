@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/audit.py                    # 100,000 keys
     .venv/bin/python bench/audit.py --sizes 1000000    # a million
+    .venv/bin/python bench/audit.py --sizes 1000000 --memory-limit 4G
 
 For each size, the moduli of bench/batchgcd.py (distinct "good" moduli and
 planted pairs that share a prime) are written as SubjectPublicKeyInfo PEM
@@ -115,7 +116,9 @@ def _unit_index(name: str) -> int:
     return int(stem.rsplit("-", 1)[1]) * _KEYS_PER_FILE + int(number) - 1
 
 
-def run_size(count: int, jobs: int, seed: int, work: Path) -> dict[str, object]:
+def run_size(
+    count: int, jobs: int, seed: int, work: Path, memory_limit: str | None
+) -> dict[str, object]:
     """Write, audit and check one size, then run the peer; return the figures."""
     moduli, planted = make_moduli(count, seed)
     folder = work / f"keys-{count}"
@@ -125,6 +128,8 @@ def run_size(count: int, jobs: int, seed: int, work: Path) -> dict[str, object]:
 
     unitcert = [sys.executable, "-m", "unitcert", "audit", str(folder)]
     unitcert += ["--jobs", str(jobs), "--json", str(report), "-q"]
+    if memory_limit is not None:
+        unitcert += ["--memory-limit", memory_limit]
     code, seconds, cpu, peak = _measure(unitcert)
     findings = json.loads(report.read_text())["findings"]
     found = {
@@ -163,13 +168,17 @@ def main() -> None:
     parser.add_argument("--sizes", default="100000")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--seed", type=int, default=2012)
+    parser.add_argument("--memory-limit", help="passed to unitcert audit")
     args = parser.parse_args()
+    mode = f"--jobs {args.jobs}" + (
+        f" --memory-limit {args.memory_limit}" if args.memory_limit else ""
+    )
 
     with tempfile.TemporaryDirectory(prefix="unitcert-bench-audit-") as tmp:
         for size in (int(s) for s in args.sizes.split(",") if s):
-            row = run_size(size, args.jobs, args.seed, Path(tmp))
+            row = run_size(size, args.jobs, args.seed, Path(tmp), args.memory_limit)
             print(
-                f"{row['keys']:>9,} RSA-2048 keys  unitcert audit --jobs {args.jobs}: "
+                f"{row['keys']:>9,} RSA-2048 keys  unitcert audit {mode}: "
                 f"{row['seconds']:.1f} s (cpu {row['cpu_seconds']:.0f} s), peak "
                 f"{row['peak_bytes'] / 2**30:.2f} GiB, correct={row['correct']}  |  "
                 f"badkeys -m (single-key checks only): {row['peer_seconds']:.1f} s "

@@ -35,6 +35,7 @@ import logging
 import os
 import re
 import ssl
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -85,7 +86,7 @@ _SSH_KEY_TYPES = (
 _RSA_OID = "1.2.840.113549.1.1.1"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class KeyRecord:
     """One public key found by a source, and the unit it belongs to.
 
@@ -102,7 +103,6 @@ class KeyRecord:
             SSH key's is its standard encoding).
         key_id: SHA-256 (hex) of the key's canonical SPKI encoding: two
             records have the same key exactly when their ``key_id`` match.
-        code: the fingerprint code of ``spki_der``.
         rsa_n: the RSA modulus, for RSA keys.
         rsa_e: the RSA public exponent, for RSA keys.
         loadable: False when ``cryptography`` refuses the key (invalid RSA
@@ -124,7 +124,6 @@ class KeyRecord:
     key_type: str
     spki_der: bytes = field(repr=False)
     key_id: str
-    code: str
     rsa_n: int | None = field(default=None, repr=False)
     rsa_e: int | None = None
     loadable: bool = True
@@ -133,6 +132,15 @@ class KeyRecord:
     subject: str | None = None
     issued: dt.datetime | None = None
     batch: str | None = None
+
+    @property
+    def code(self) -> str:
+        """The fingerprint code of ``spki_der``.
+
+        Computed when asked (for the few keys a report names) rather than
+        kept: a fleet audit holds a million records.
+        """
+        return str(code_for_spki(self.spki_der))
 
 
 @dataclass(frozen=True)
@@ -305,10 +313,9 @@ def key_record(
             source=source,
             location=location,
             form=form,
-            key_type=f"RSA-{n.bit_length()}",
+            key_type=sys.intern(f"RSA-{n.bit_length()}"),
             spki_der=spki_der,
             key_id=hashlib.sha256(spki_der).hexdigest(),
-            code=str(code_for_spki(spki_der)),
             rsa_n=n,
             rsa_e=e,
             loadable=False,
@@ -331,10 +338,9 @@ def key_record(
         source=source,
         location=location,
         form=form,
-        key_type=_key_type(public_key),
+        key_type=sys.intern(_key_type(public_key)),
         spki_der=spki_der,
         key_id=hashlib.sha256(canonical).hexdigest(),
-        code=str(code_for_spki(spki_der)),
         rsa_n=n_value,
         rsa_e=e_value,
         cert_sha256=cert_sha256,
