@@ -4,6 +4,14 @@ Exit codes: 0 clean, 1 findings, 2 the audit could not run (bad input, an
 unreadable source, a failed worker) or could not read everything it was told
 to (a host in the hosts file, a registry row), with one sentence on stderr.
 Findings win: a run that found something exits 1 even when it is incomplete.
+
+In a pipeline: a summary that cannot be printed because standard output was
+closed early (``unitcert audit F | head -c 10``) exits 2, not 1 (findings) and
+not 0, since the caller did not get the verdict; a run with findings still
+exits 1. Interrupted (Ctrl-C, SIGINT), the audit stops and exits 130, as
+shells report a command ended by SIGINT, with one sentence and no traceback of
+its own; a batch GCD worker process that the same Ctrl-C reaches still prints
+its traceback (those workers live in :mod:`unitcert.quality.batchgcd`).
 """
 
 from __future__ import annotations
@@ -12,30 +20,50 @@ import logging
 import math
 import os
 import re
+import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from unitcert.audit.progress import AuditProgress
-from unitcert.audit.report import print_summary, write_html, write_json
-from unitcert.audit.runner import AuditSettings, run_audit
+from unitcert.audit.report import (
+    print_summary,
+    terminal_text,
+    write_html,
+    write_json,
+)
+from unitcert.audit.runner import AuditReport, AuditSettings, run_audit
 from unitcert.audit.sources import (
     DEFAULT_CONCURRENCY,
     DEFAULT_TIMEOUT,
     FileSource,
+    HostAddress,
     HostSource,
     Source,
     read_hosts_file,
 )
 from unitcert.errors import UnitcertError
 
-__all__ = ["EXIT_CLEAN", "EXIT_ERROR", "EXIT_FINDINGS", "audit", "parse_size"]
+if TYPE_CHECKING:
+    from unitcert.audit.registry import RegistrySource
+
+__all__ = [
+    "EXIT_CLEAN",
+    "EXIT_ERROR",
+    "EXIT_FINDINGS",
+    "EXIT_INTERRUPTED",
+    "audit",
+    "parse_size",
+]
 
 logger = logging.getLogger(__name__)
 
 EXIT_CLEAN = 0
 EXIT_FINDINGS = 1
 EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
 
 _MAX_TIMEOUT = 3600.0
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
@@ -78,6 +106,25 @@ def _size_option(
     return size
 
 
+def _report_option(
+    ctx: click.Context, param: click.Parameter, value: Path | None
+) -> Path | None:
+    # An empty argument is Path("."), which has no file name to write.
+    if value is not None and (not value.name or str(value) in ("", ".", "..")):
+        raise click.BadParameter(
+            "give the report a file name (e.g. audit.json or audit.html)", ctx, param
+        )
+    return value
+
+
+def _read_hosts(files: Sequence[Path]) -> list[HostAddress]:
+    """Every address of the hosts files, each once, in the order first given."""
+    addresses: dict[HostAddress, None] = {}
+    for path in files:
+        addresses.update(dict.fromkeys(read_hosts_file(path)))
+    return list(addresses)
+
+
 def _refuse_overwriting_inputs(
     outputs: dict[str, Path | None], *, inputs: list[Path]
 ) -> None:
@@ -98,13 +145,14 @@ def _refuse_overwriting_inputs(
         )
         if real in named or inside:
             raise click.BadParameter(
-                f"{path} is one of the audit's inputs: write the report to a new file",
+                f"{terminal_text(str(path))} is one of the audit's inputs: write the "
+                "report to a new file",
                 param_hint=option,
             )
         if real in seen:
             raise click.BadParameter(
-                f"{path} is also the {seen[real]} report: give each report its own "
-                "file",
+                f"{terminal_text(str(path))} is also the {seen[real]} report: give "
+                "each report its own file",
                 param_hint=option,
             )
         seen[real] = option
@@ -115,15 +163,16 @@ def _refuse_unwritable(path: Path, option: str) -> None:
     folder = path.parent if str(path.parent) else Path()
     if not folder.is_dir():
         raise click.BadParameter(
-            f"the folder {folder} does not exist: create it or write the report "
-            "elsewhere",
+            f"the folder {terminal_text(str(folder))} does not exist: create it or "
+            "write the report elsewhere",
             param_hint=option,
         )
     if not os.access(folder, os.W_OK) or (
         path.exists() and not os.access(path, os.W_OK)
     ):
         raise click.BadParameter(
-            f"{path} cannot be written: choose a file in a folder you can write to",
+            f"{terminal_text(str(path))} cannot be written: choose a file in a "
+            "folder you can write to",
             param_hint=option,
         )
 
@@ -137,22 +186,28 @@ def _refuse_unwritable(path: Path, option: str) -> None:
 )
 @click.option(
     "--db",
-    "db_url",
+    "db_urls",
     metavar="URL",
+    multiple=True,
     help="Audit the factory registry at this database URL "
-    "(sqlite:///F/registry.db, postgresql+psycopg://USER@HOST/DB).",
+    "(sqlite:///F/registry.db, postgresql+psycopg://USER@HOST/DB); repeat for "
+    "several registries.",
 )
 @click.option(
     "--dir",
-    "factory_dir",
+    "factory_dirs",
     type=click.Path(path_type=Path, file_okay=False),
-    help="Audit the registry of this factory folder (its registry.db).",
+    multiple=True,
+    help="Audit the registry of this factory folder (its registry.db); repeat for "
+    "several factories.",
 )
 @click.option(
     "--hosts",
-    "hosts_file",
+    "hosts_files",
     type=click.Path(path_type=Path, dir_okay=False),
-    help="Collect certificates from live TLS endpoints: a file of host:port lines.",
+    multiple=True,
+    help="Collect certificates from live TLS endpoints: a file of host:port lines; "
+    "repeat for several files (each address is audited once).",
 )
 @click.option(
     "--concurrency",
@@ -173,12 +228,14 @@ def _refuse_unwritable(path: Path, option: str) -> None:
     "--json",
     "json_out",
     type=click.Path(path_type=Path, dir_okay=False),
-    help="Write every finding to this JSON file.",
+    callback=_report_option,
+    help="Write the verdict, every finding and every unit not read to this JSON file.",
 )
 @click.option(
     "--html",
     "html_out",
     type=click.Path(path_type=Path, dir_okay=False),
+    callback=_report_option,
     help="Write a self-contained HTML report with charts to this file.",
 )
 @click.option(
@@ -211,9 +268,9 @@ def _refuse_unwritable(path: Path, option: str) -> None:
 def audit(
     ctx: click.Context,
     paths: tuple[Path, ...],
-    db_url: str | None,
-    factory_dir: Path | None,
-    hosts_file: Path | None,
+    db_urls: tuple[str, ...],
+    factory_dirs: tuple[Path, ...],
+    hosts_files: tuple[Path, ...],
     concurrency: int,
     timeout: float,
     json_out: Path | None,
@@ -232,105 +289,179 @@ def audit(
     keys that several units share, RSA moduli that share a prime (batch GCD),
     and keys that badkeys' checks or the published-key list flag.
 
+    Sources combine in one run: give PATHs, --hosts, --db and --dir together,
+    each option as often as needed.
+
     Exit status: 0 clean, 1 findings, 2 the audit could not run, or found
-    nothing but could not read every host or registry row it was given.
+    nothing but could not read every host or registry row it was given, or
+    could not print its summary; 130 interrupted.
     """
     try:
-        sources: list[Source] = []
-        if db_url is not None and factory_dir is not None:
-            raise click.UsageError("give --db or --dir, not both", ctx)
-        registry_files: list[Path] = []
-        if db_url is not None or factory_dir is not None:
-            from unitcert.audit.registry import RegistrySource
-
-            registry = (
-                RegistrySource(db_url)
-                if db_url is not None
-                else RegistrySource.for_directory(factory_dir or Path())
-            )
-            sources.append(registry)
-            registry_files = registry.files()
-        if paths:
-            sources.append(FileSource(paths))
-        if hosts_file is not None:
-            sources.append(
-                HostSource(
-                    read_hosts_file(hosts_file),
-                    concurrency=concurrency,
-                    timeout=timeout,
-                )
-            )
-        if not sources:
-            raise click.UsageError(
-                "nothing to audit: give PATHs of keys or certificates, --hosts FILE, "
-                "or a registry (--db URL or --dir F)",
-                ctx,
-            )
-        for path, option in ((json_out, "--json"), (html_out, "--html")):
-            if path is not None:
-                _refuse_unwritable(path, option)
-        _refuse_overwriting_inputs(
-            {"--json": json_out, "--html": html_out},
-            inputs=[*paths, *([hosts_file] if hosts_file else []), *registry_files],
-        )
-        if dask_address is not None:
-            from unitcert.audit.distributed import check_dask_address
-
-            check_dask_address(dask_address)
-        if workdir is not None and not workdir.is_dir():
-            raise click.BadParameter(
-                f"{workdir} is not a folder", param_hint="--workdir"
-            )
-        cpus = os.cpu_count() or 1
-        if jobs > cpus:
-            logger.warning(
-                "--jobs %d is more than this machine's %d CPUs: using %d processes",
-                jobs,
-                cpus,
-                cpus,
-            )
-            jobs = cpus
-        settings = AuditSettings(
+        report = _run(
+            ctx,
+            paths=paths,
+            db_urls=db_urls,
+            factory_dirs=factory_dirs,
+            hosts_files=hosts_files,
+            concurrency=concurrency,
+            timeout=timeout,
+            json_out=json_out,
+            html_out=html_out,
             jobs=jobs,
             memory_limit=memory_limit,
             workdir=workdir,
             dask_address=dask_address,
+            quiet=quiet,
         )
-        with AuditProgress(enabled=False if quiet else None) as progress:
-            report = run_audit(sources, settings, progress=progress)
-        if json_out is not None:
-            write_json(report, json_out)
-        if html_out is not None:
-            write_html(report, html_out)
     except UnitcertError as exc:
         logger.debug("audit failed", exc_info=True)
         # One line, even when a driver's message spans several.
-        click.echo(f"unitcert: error: {' '.join(str(exc).split())}", err=True)
+        _error(" ".join(str(exc).split()))
         ctx.exit(EXIT_ERROR)
+    except KeyboardInterrupt:
+        logger.debug("audit interrupted", exc_info=True)
+        _error("interrupted: the audit stopped before its verdict")
+        ctx.exit(EXIT_INTERRUPTED)
 
     try:
         print_summary(report)
+        sys.stdout.flush()
     except OSError as exc:
         # Not even the verdict could be shown: the run did not do its job.
         logger.debug("cannot print the summary", exc_info=True)
-        click.echo(
-            f"unitcert: error: cannot print the audit's summary "
-            f"({exc.strerror or exc}): use --json or --html to keep the results",
-            err=True,
+        if isinstance(exc, BrokenPipeError):
+            # Nothing more may reach the closed pipe, not even at exit.
+            _silence_stdout()
+        _error(
+            f"cannot print the audit's summary ({exc.strerror or exc}): use --json "
+            "or --html to keep the results"
         )
-        ctx.exit(EXIT_ERROR)
-    if not report.clean:
+        ctx.exit(EXIT_FINDINGS if report.findings else EXIT_ERROR)
+    except KeyboardInterrupt:
+        ctx.exit(EXIT_INTERRUPTED)
+    if report.findings:
         ctx.exit(EXIT_FINDINGS)
     if report.incomplete:
-        missed = [p for p in report.problems if p.named]
-        click.echo(
-            f"unitcert: error: {len(missed):,} of the hosts or registry units given "
-            f"could not be audited (first: {missed[0].location}: {missed[0].reason}), "
-            "so the fleet is not known to be clean: see --json for every one",
-            err=True,
+        missed = report.missed
+        _error(
+            f"{len(missed):,} of the hosts or registry units given could not be "
+            f"audited (first: {missed[0].location}: {missed[0].reason}), so the "
+            "fleet is not known to be clean: see --json for every one"
         )
         ctx.exit(EXIT_ERROR)
     ctx.exit(EXIT_CLEAN)
+
+
+def _error(sentence: str) -> None:
+    """Print one error sentence on stderr, with names made safe to show."""
+    try:
+        click.echo(f"unitcert: error: {terminal_text(sentence)}", err=True)
+    except OSError:
+        logger.debug("cannot print an error", exc_info=True)
+
+
+def _silence_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        logger.debug("cannot point stdout at %s", os.devnull, exc_info=True)
+
+
+def _registries(
+    db_urls: Sequence[str], factory_dirs: Sequence[Path]
+) -> list[RegistrySource]:
+    """One source per registry, each registry once however it was named."""
+    from unitcert.audit.registry import RegistrySource
+
+    registries: dict[str, RegistrySource] = {}
+    for registry in [
+        *(RegistrySource(url) for url in db_urls),
+        *(RegistrySource.for_directory(folder) for folder in factory_dirs),
+    ]:
+        files = registry.files()
+        key = os.path.realpath(files[0]) if files else registry.url
+        registries.setdefault(key, registry)
+    return list(registries.values())
+
+
+def _run(
+    ctx: click.Context,
+    *,
+    paths: tuple[Path, ...],
+    db_urls: tuple[str, ...],
+    factory_dirs: tuple[Path, ...],
+    hosts_files: tuple[Path, ...],
+    concurrency: int,
+    timeout: float,
+    json_out: Path | None,
+    html_out: Path | None,
+    jobs: int,
+    memory_limit: int | None,
+    workdir: Path | None,
+    dask_address: str | None,
+    quiet: bool,
+) -> AuditReport:
+    """Check the options, run the audit and write the reports."""
+    sources: list[Source] = []
+    registry_files: list[Path] = []
+    for registry in _registries(db_urls, factory_dirs):
+        sources.append(registry)
+        registry_files.extend(registry.files())
+    if paths:
+        sources.append(FileSource(paths))
+    if hosts_files:
+        sources.append(
+            HostSource(
+                _read_hosts(hosts_files), concurrency=concurrency, timeout=timeout
+            )
+        )
+    if not sources:
+        raise click.UsageError(
+            "nothing to audit: give PATHs of keys or certificates, --hosts FILE, "
+            "or a registry (--db URL or --dir F)",
+            ctx,
+        )
+    for path, option in ((json_out, "--json"), (html_out, "--html")):
+        if path is not None:
+            _refuse_unwritable(path, option)
+    _refuse_overwriting_inputs(
+        {"--json": json_out, "--html": html_out},
+        inputs=[*paths, *hosts_files, *registry_files],
+    )
+    if dask_address is not None:
+        from unitcert.audit.distributed import check_dask_address
+
+        check_dask_address(dask_address)
+    if workdir is not None and not workdir.is_dir():
+        raise click.BadParameter(
+            f"{terminal_text(str(workdir))} is not a folder", param_hint="--workdir"
+        )
+    cpus = os.cpu_count() or 1
+    if jobs > cpus:
+        logger.warning(
+            "--jobs %d is more than this machine's %d CPUs: using %d processes",
+            jobs,
+            cpus,
+            cpus,
+        )
+        jobs = cpus
+    settings = AuditSettings(
+        jobs=jobs,
+        memory_limit=memory_limit,
+        workdir=workdir,
+        dask_address=dask_address,
+    )
+
+    with AuditProgress(enabled=False if quiet else None) as progress:
+        report = run_audit(sources, settings, progress=progress)
+
+    if json_out is not None:
+        write_json(report, json_out)
+    if html_out is not None:
+        write_html(report, html_out)
+    return report
 
 
 if __name__ == "__main__":

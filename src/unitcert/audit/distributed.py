@@ -18,7 +18,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from unitcert.errors import InputError
+from unitcert.errors import AuditError, InputError
 from unitcert.quality.batchgcd import (
     PRODUCT_STAGE,
     REMAINDER_STAGE,
@@ -118,8 +118,9 @@ def batch_gcd_on_dask(
         One GCD per modulus, in order.
 
     Raises:
-        InputError: Dask is not installed, the address is malformed, or the
-            scheduler cannot be reached.
+        InputError: Dask is not installed, the address is malformed, the
+            scheduler cannot be reached, or no worker joined it in time.
+        AuditError: the cluster failed during the work.
     """
     distributed = _import_distributed()
     check_dask_address(address)
@@ -136,48 +137,87 @@ def batch_gcd_on_dask(
             "and that the scheduler is running"
         ) from None
     with client:
-        _register_sizeof()
-        threads = sum(client.nthreads().values())
-        ranges = plan_groups(len(moduli), groups or max(2, threads))
-        logger.info(
-            "batch GCD on Dask at %s: %d moduli in %d groups over %d threads",
-            address,
-            len(moduli),
-            len(ranges),
-            threads,
-        )
-        parts = [
-            client.scatter([[int(moduli[i]) for i in r]], hash=False)[0] for r in ranges
-        ]
-        trees = [client.submit(_build, part, pure=False) for part in parts]
-        roots = [client.submit(_root, tree, pure=False) for tree in trees]
-        _wait(
-            distributed.as_completed(roots, loop=client.loop),
-            PRODUCT_STAGE,
-            ranges,
-            roots,
-            progress,
-        )
-        del parts
+        _wait_for_workers(client, address, connect_timeout)
+        try:
+            return _run_on(client, distributed, moduli, address, groups, progress)
+        except OSError as exc:
+            # Dask's timeouts and lost connections are OSErrors.
+            raise AuditError(
+                f"the batch GCD on the Dask cluster at {address} failed ({exc}): "
+                "check the cluster's scheduler and workers"
+            ) from exc
 
-        others = other_products(client.gather(roots))
-        other_futures = [client.scatter([value], hash=False)[0] for value in others]
-        del others
-        results = [
-            client.submit(_descend, tree, other, pure=False)
-            for tree, other in zip(trees, other_futures, strict=True)
-        ]
-        _wait(
-            distributed.as_completed(results, loop=client.loop),
-            REMAINDER_STAGE,
-            ranges,
-            results,
-            progress,
-        )
-        gcds: list[int] = []
-        for part in client.gather(results):
-            gcds.extend(part)
-        return gcds
+
+def _wait_for_workers(client: Any, address: str, timeout: float) -> None:
+    """Refuse a cluster that has no worker, after waiting ``timeout`` for one.
+
+    A cluster that scales on demand may start its first worker only now, so
+    a cluster without workers is given the connection's time to get one.
+    """
+    if client.nthreads():
+        return
+    logger.info("the Dask cluster at %s has no workers yet: waiting", address)
+    try:
+        client.wait_for_workers(1, timeout=timeout)
+    except (OSError, TimeoutError):
+        raise InputError(
+            f"the Dask cluster at {address} has no workers (none joined within "
+            f"{timeout:g} s): start workers for it (dask worker {address}) or "
+            "run without --dask"
+        ) from None
+
+
+def _run_on(
+    client: Any,
+    distributed: Any,
+    moduli: Sequence[int],
+    address: str,
+    groups: int | None,
+    progress: ProgressCallback | None,
+) -> list[int]:
+    """The batch GCD on a connected client (see :func:`batch_gcd_on_dask`)."""
+    _register_sizeof()
+    threads = sum(client.nthreads().values())
+    ranges = plan_groups(len(moduli), groups or max(2, threads))
+    logger.info(
+        "batch GCD on Dask at %s: %d moduli in %d groups over %d threads",
+        address,
+        len(moduli),
+        len(ranges),
+        threads,
+    )
+    parts = [
+        client.scatter([[int(moduli[i]) for i in r]], hash=False)[0] for r in ranges
+    ]
+    trees = [client.submit(_build, part, pure=False) for part in parts]
+    roots = [client.submit(_root, tree, pure=False) for tree in trees]
+    _wait(
+        distributed.as_completed(roots, loop=client.loop),
+        PRODUCT_STAGE,
+        ranges,
+        roots,
+        progress,
+    )
+    del parts
+
+    others = other_products(client.gather(roots))
+    other_futures = [client.scatter([value], hash=False)[0] for value in others]
+    del others
+    results = [
+        client.submit(_descend, tree, other, pure=False)
+        for tree, other in zip(trees, other_futures, strict=True)
+    ]
+    _wait(
+        distributed.as_completed(results, loop=client.loop),
+        REMAINDER_STAGE,
+        ranges,
+        results,
+        progress,
+    )
+    gcds: list[int] = []
+    for part in client.gather(results):
+        gcds.extend(part)
+    return gcds
 
 
 def _wait(

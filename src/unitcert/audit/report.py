@@ -5,13 +5,27 @@ nothing fetched) that a manager can open and read: the verdict, charts of
 findings by kind, by key type and by production batch or issue month, and
 the list of findings with the units they name. No report carries a private
 key or a prime.
+
+Every report states one verdict: ``findings`` (something was found; this wins),
+``incomplete`` (nothing was found, but a host or registry row the user named
+could not be read, so the fleet is not known to be clean) or ``clean``
+(nothing was found and everything named was read). The JSON carries it as
+``"verdict"``, with ``"clean"`` true only for a clean verdict and
+``"complete"`` false when a named item was not read.
+
+Names come from file systems, hosts and registries: a file name that is not
+UTF-8 is shown with its bytes escaped (``bad\\xff.pem``) in every report, and
+control characters in names printed to the terminal are shown escaped
+(``\\x1b``), so that no name can restyle or move the terminal.
 """
 
 from __future__ import annotations
 
+import errno
 import html
 import json
 import os
+import re
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,13 +36,73 @@ from rich.markup import escape
 from rich.table import Table
 
 from unitcert.audit.checks import KINDS, AffectedUnit, Finding
-from unitcert.audit.runner import AuditReport
+from unitcert.audit.runner import VERDICT_CLEAN, VERDICT_INCOMPLETE, AuditReport
 from unitcert.errors import InputError
 
-__all__ = ["print_summary", "report_json", "write_html", "write_json"]
+__all__ = [
+    "JSON_VERDICTS",
+    "display_text",
+    "print_summary",
+    "report_json",
+    "terminal_text",
+    "write_html",
+    "write_json",
+]
 
 _UNITS_SHOWN = 5
 _HTML_UNITS_SHOWN = 50
+_MISSED_SHOWN = 5
+
+JSON_VERDICTS = {
+    "findings": "some key is shared, weak or known: see findings (this wins over "
+    "incomplete)",
+    "incomplete": "nothing was found among the units read, but hosts or registry "
+    "rows that were named could not be read (problems with named true): the "
+    "fleet is not known to be clean",
+    "clean": "nothing was found and every named host and registry row was read",
+}
+
+# C0 and C1 controls, DEL, and the Unicode controls that reorder or hide text.
+_CONTROLS = re.compile(
+    "[\x00-\x1f\x7f-\x9f\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]"
+)
+
+
+def display_text(text: str) -> str:
+    """Return ``text`` safe to encode as UTF-8: undecodable bytes as ``\\xff``.
+
+    File names that are not UTF-8 reach Python as lone surrogates
+    (:pep:`383`); they are shown as the bytes they stand for.
+    """
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def _escape_control(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def terminal_text(text: str) -> str:
+    """Return ``text`` safe to print: :func:`display_text`, controls escaped.
+
+    An escape sequence in a file name is shown as ``\\x1b[31m``, as ``ls -b``
+    shows it, instead of restyling the terminal.
+    """
+    return _CONTROLS.sub(_escape_control, display_text(text))
+
+
+def _shown(text: str) -> str:
+    """A name for rich: terminal-safe, and no ``[style]`` markup read in it."""
+    return escape(terminal_text(text))
+
+
+def _h(text: str) -> str:
+    """A name for HTML: controls visible, markup escaped."""
+    return html.escape(terminal_text(text))
 
 
 def _common_folder(report: AuditReport) -> str | None:
@@ -54,7 +128,7 @@ def _units_text(
     ]
     more = len(units) - shown
     # Names come from files and hosts: never let them style the terminal.
-    return ", ".join(escape(n) for n in names) + (
+    return ", ".join(_shown(n) for n in names) + (
         f" and {more} more" if more > 0 else ""
     )
 
@@ -63,25 +137,57 @@ def _count(number: int, noun: str, plural: str | None = None) -> str:
     return f"{number:,} {noun if number == 1 else plural or noun + 's'}"
 
 
+def _missed_text(report: AuditReport) -> str:
+    missed = report.missed
+    first = missed[0]
+    return (
+        f"{_count(len(missed), 'host or registry unit', 'hosts or registry units')} "
+        f"given could not be read (first: {first.location}: {first.reason})"
+    )
+
+
+class _SummaryConsole(Console):
+    """A console that lets a closed stdout be the caller's error.
+
+    Rich's own answer to a broken pipe is to exit with status 1, which is the
+    audit's code for findings.
+    """
+
+    def on_broken_pipe(self) -> None:
+        raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
+
+
 def print_summary(report: AuditReport, console: Console | None = None) -> None:
-    """Print the verdict, counts per kind and the first findings of each kind."""
-    console = console or Console()
+    """Print the verdict, counts per kind and the first findings of each kind.
+
+    Raises:
+        OSError: standard output cannot be written (``BrokenPipeError`` when
+            it was closed early).
+    """
+    console = console or _SummaryConsole()
     console.print(
         f"Audited {_count(report.units, 'unit')} "
         f"({_count(report.distinct_keys, 'distinct key')}, "
         f"{_count(report.rsa_moduli, 'RSA modulus', 'RSA moduli')}) from "
-        f"{escape(', '.join(report.sources))} in {report.seconds:.1f} s; batch GCD on "
-        f"{report.mode}."
+        f"{_shown(', '.join(report.sources))} in {report.seconds:.1f} s; batch GCD on "
+        f"{_shown(report.mode)}."
     )
     if report.problems:
-        first = report.problems[0]
+        first = report.missed[0] if report.missed else report.problems[0]
         console.print(
             f"[yellow]{_count(len(report.problems), 'item')} could not be read and "
             f"{'is' if len(report.problems) == 1 else 'are'} not audited[/yellow], "
-            f"e.g. {escape(first.location)}: {escape(first.reason)} (--json lists "
+            f"e.g. {_shown(first.location)}: {_shown(first.reason)} (--json lists "
             "every one)"
         )
-    if report.clean:
+    if report.verdict == VERDICT_INCOMPLETE:
+        console.print(
+            f"[bold yellow]Not known to be clean:[/] no shared, weak or known keys "
+            f"among the {_count(report.units, 'unit')} read, but "
+            f"{_shown(_missed_text(report))}."
+        )
+        return
+    if report.verdict == VERDICT_CLEAN:
         scope = " among the units read" if report.problems else ""
         console.print(
             f"[bold green]No findings{scope}: no shared, weak or known keys.[/]"
@@ -89,7 +195,7 @@ def print_summary(report: AuditReport, console: Console | None = None) -> None:
         return
 
     folder = _common_folder(report)
-    title = "Findings" + (f" (files under {escape(folder)})" if folder else "")
+    title = "Findings" + (f" (files under {_shown(folder)})" if folder else "")
     table = Table(title=title, show_lines=False)
     table.add_column("Kind")
     table.add_column("Findings", justify="right")
@@ -107,9 +213,11 @@ def print_summary(report: AuditReport, console: Console | None = None) -> None:
     console.print(table)
     console.print(
         f"[bold red]{_count(len(report.findings), 'finding')} on "
-        f"{_count(report.affected_units, 'unit')}.[/] Use --json or --html for every "
-        "unit."
+        f"{_count(report.affected_units, 'unit')}.[/] --json lists every unit of "
+        "every finding; --html adds charts."
     )
+    if report.incomplete:
+        console.print(f"[yellow]Also, {_shown(_missed_text(report))}.[/]")
 
 
 def _unit_json(unit: AffectedUnit) -> dict[str, Any]:
@@ -126,9 +234,18 @@ def _unit_json(unit: AffectedUnit) -> dict[str, Any]:
 
 
 def report_json(report: AuditReport) -> dict[str, Any]:
-    """Return the report as JSON-ready data, with every finding and unit."""
-    return {
+    """Return the report as JSON-ready data, with every finding and unit.
+
+    ``"verdict"`` is the one field to read (see the module's docstring);
+    ``"verdicts"`` says what each value means. Every string is UTF-8 safe:
+    bytes of a file name that are not UTF-8 appear as ``\\xff``.
+    """
+    data: dict[str, Any] = {
+        "verdict": report.verdict,
+        "verdicts": JSON_VERDICTS,
         "clean": report.clean,
+        "complete": not report.incomplete,
+        "not_read": len(report.missed),
         "started": report.started.isoformat(),
         "seconds": round(report.seconds, 3),
         "mode": report.mode,
@@ -157,9 +274,22 @@ def report_json(report: AuditReport) -> dict[str, Any]:
             for f in report.findings
         ],
         "problems": [
-            {"location": p.location, "reason": p.reason} for p in report.problems
+            {"location": p.location, "reason": p.reason, "named": p.named}
+            for p in report.problems
         ],
     }
+    safe: dict[str, Any] = _json_safe(data)
+    return safe
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, str):
+        return display_text(value)
+    if isinstance(value, dict):
+        return {display_text(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def _write(path: Path, text: str) -> None:
@@ -194,6 +324,8 @@ h1{font-size:1.6rem;margin-bottom:.2rem}h2{font-size:1.2rem;margin-top:2rem}
 .verdict{padding:1rem 1.2rem;border-radius:.5rem;font-size:1.15rem;margin:1.2rem 0}
 .clean{background:#e3f5e8;border-left:.4rem solid #2f9e55}
 .bad{background:#fde8e8;border-left:.4rem solid #c9302c}
+.incomplete{background:#fff4dc;border-left:.4rem solid #d9822b}
+.verdict ul{font-size:1rem;margin:.4rem 0 0}
 .tiles{display:flex;gap:1rem;flex-wrap:wrap}
 .tile{background:#f3f5f9;border-radius:.5rem;padding:.8rem 1rem;min-width:9rem}
 .tile b{display:block;font-size:1.5rem}
@@ -237,7 +369,7 @@ def _bar_chart(
         short = label if len(label) <= 32 else label[:31] + "…"
         parts.append(
             f'<text x="{bar_left - 6}" y="{y + 15}" text-anchor="end">'
-            f"<title>{html.escape(label)}</title>{html.escape(short)}</text>"
+            f"<title>{_h(label)}</title>{_h(short)}</text>"
         )
         if total is not None:
             parts.append(
@@ -250,15 +382,14 @@ def _bar_chart(
         )
         end = max(value, total or 0) * scale
         parts.append(
-            f'<text x="{bar_left + end + 6:.1f}" y="{y + 15}">'
-            f"{html.escape(text)}</text>"
+            f'<text x="{bar_left + end + 6:.1f}" y="{y + 15}">{_h(text)}</text>'
         )
     parts.append("</svg>")
     return "".join(parts)
 
 
 def _tile(value: str, label: str) -> str:
-    return f'<div class="tile"><b>{html.escape(value)}</b>{html.escape(label)}</div>'
+    return f'<div class="tile"><b>{_h(value)}</b>{_h(label)}</div>'
 
 
 def _finding_rows(report: AuditReport) -> str:
@@ -266,13 +397,9 @@ def _finding_rows(report: AuditReport) -> str:
     for finding in report.findings:
         units = finding.units
         listed = "".join(
-            f"<li>{html.escape(u.name)}"
-            + (
-                f" <span class='meta'>({html.escape(u.subject)})</span>"
-                if u.subject
-                else ""
-            )
-            + f" <code>{html.escape(u.code)}</code></li>"
+            f"<li>{_h(u.name)}"
+            + (f" <span class='meta'>({_h(u.subject)})</span>" if u.subject else "")
+            + f" <code>{_h(u.code)}</code></li>"
             for u in units[:_HTML_UNITS_SHOWN]
         )
         if len(units) > _HTML_UNITS_SHOWN:
@@ -282,13 +409,58 @@ def _finding_rows(report: AuditReport) -> str:
         status = '<span class="factored">factored</span>' if finding.factored else ""
         rows.append(
             "<tr>"
-            f'<td class="kind">{html.escape(finding.title)}</td>'
-            f"<td>{html.escape(finding.key_type)} {status}</td>"
-            f"<td>{html.escape(finding.detail)}"
+            f'<td class="kind">{_h(finding.title)}</td>'
+            f"<td>{_h(finding.key_type)} {status}</td>"
+            f"<td>{_h(finding.detail)}"
             f"<details><summary>{_count(len(units), 'unit')}</summary><ul>{listed}</ul>"
             "</details></td></tr>"
         )
     return "".join(rows)
+
+
+def _html_missed(report: AuditReport) -> str:
+    """The named items not read: how many, and the first reasons, in view."""
+    missed = report.missed
+    shown = "".join(
+        f"<li>{_h(p.location)}: {_h(p.reason)}</li>" for p in missed[:_MISSED_SHOWN]
+    )
+    more = (
+        f"<li>… and {len(missed) - _MISSED_SHOWN:,} more (see below)</li>"
+        if len(missed) > _MISSED_SHOWN
+        else ""
+    )
+    return (
+        f"{_count(len(missed), 'host or registry unit', 'hosts or registry units')} "
+        f"given could not be read:<ul>{shown}{more}</ul>"
+    )
+
+
+def _html_verdict(report: AuditReport) -> str:
+    if report.verdict == VERDICT_CLEAN:
+        return (
+            f'<div class="verdict clean">Clean: none of the {report.units:,} units '
+            "has a shared, weak or known key, and every host and registry unit "
+            "given was read.</div>"
+        )
+    if report.verdict == VERDICT_INCOMPLETE:
+        return (
+            '<div class="verdict incomplete"><b>Incomplete: not known to be '
+            f"clean.</b> None of the {report.units:,} units read has a shared, "
+            f"weak or known key, but {_html_missed(report)}</div>"
+        )
+    factored = len({u.name for f in report.findings if f.factored for u in f.units})
+    also = (
+        f'<p class="incomplete-note">Also, {_html_missed(report)}</p>'
+        if report.incomplete
+        else ""
+    )
+    return (
+        f'<div class="verdict bad"><b>{report.affected_units:,} of '
+        f"{report.units:,} units need attention</b>: "
+        f"{len(report.findings):,} findings; the keys of "
+        f"{factored:,} units are factored or otherwise known and must be replaced "
+        f"first.{also}</div>"
+    )
 
 
 def render_html(report: AuditReport) -> str:
@@ -305,29 +477,24 @@ def render_html(report: AuditReport) -> str:
     ]
     cohort_rows = [(c.label, c.affected, c.units) for c in report.cohorts]
 
-    if report.clean:
-        verdict = (
-            f'<div class="verdict clean">Clean: none of the {report.units:,} units '
-            "has a shared, weak or known key.</div>"
-        )
-    else:
-        factored = len({u.name for f in report.findings if f.factored for u in f.units})
-        verdict = (
-            f'<div class="verdict bad"><b>{report.affected_units:,} of '
-            f"{report.units:,} units need attention</b>: "
-            f"{len(report.findings):,} findings; the keys of "
-            f"{factored:,} units are factored or otherwise known and must be replaced "
-            "first.</div>"
-        )
+    verdict = _html_verdict(report)
     problems = ""
     if report.problems:
+        # What the user named and the audit missed first, shown; files met in
+        # folders that held no key after it, folded.
+        ordered = sorted(report.problems, key=lambda p: not p.named)
         items = "".join(
-            f"<li>{html.escape(p.location)}: {html.escape(p.reason)}</li>"
-            for p in report.problems[:200]
+            f"<li>{_h(p.location)}: {_h(p.reason)}</li>" for p in ordered[:200]
         )
+        more = (
+            f"<li>… and {len(ordered) - 200:,} more (see JSON)</li>"
+            if len(ordered) > 200
+            else ""
+        )
+        opened = " open" if report.missed else ""
         problems = (
-            f"<h2>Not read ({len(report.problems):,})</h2><details><summary>Show"
-            f"</summary><ul>{items}</ul></details>"
+            f"<h2>Not read ({len(report.problems):,})</h2><details{opened}><summary>"
+            f"Show</summary><ul>{items}{more}</ul></details>"
         )
     findings_table = (
         "<table><tr><th>Finding</th><th>Key</th><th>What it means</th></tr>"
@@ -342,7 +509,7 @@ def render_html(report: AuditReport) -> str:
 <style>{_CSS}</style></head><body>
 <h1>Fleet key audit</h1>
 <p class="meta">{report.started:%Y-%m-%d %H:%M} UTC · sources: \
-{html.escape(", ".join(report.sources))} · batch GCD on {html.escape(report.mode)} · \
+{_h(", ".join(report.sources))} · batch GCD on {_h(report.mode)} · \
 {report.seconds:.1f} s</p>
 {verdict}
 <div class="tiles">{_tile(f"{report.units:,}", "units")}\
@@ -354,7 +521,7 @@ def render_html(report: AuditReport) -> str:
 {_bar_chart(kind_rows, colour="#c9302c")}</figure>
 <figure><figcaption>Affected units by key type</figcaption>\
 {_bar_chart(type_rows, colour="#d9822b", total_label=" units")}</figure>
-<figure><figcaption>Affected units by {html.escape(report.cohort_kind)}</figcaption>\
+<figure><figcaption>Affected units by {_h(report.cohort_kind)}</figcaption>\
 {_bar_chart(cohort_rows, colour="#2857b8", total_label=" units")}</figure>
 </div>
 <h2>Findings</h2>{findings_table}

@@ -35,9 +35,22 @@ from unitcert.quality.batchgcd import (
     split_shared,
 )
 
-__all__ = ["AuditReport", "AuditSettings", "Cohort", "format_size", "run_audit"]
+__all__ = [
+    "VERDICT_CLEAN",
+    "VERDICT_FINDINGS",
+    "VERDICT_INCOMPLETE",
+    "AuditReport",
+    "AuditSettings",
+    "Cohort",
+    "format_size",
+    "run_audit",
+]
 
 logger = logging.getLogger(__name__)
+
+VERDICT_FINDINGS = "findings"
+VERDICT_INCOMPLETE = "incomplete"
+VERDICT_CLEAN = "clean"
 
 _CHECK_STAGE = "single-key checks"
 # Peak memory of the batch GCD per byte of moduli, all processes together, as
@@ -128,13 +141,30 @@ class AuditReport:
 
     @property
     def clean(self) -> bool:
-        """True when nothing was found."""
-        return not self.findings
+        """True when nothing was found and every item the user named was read."""
+        return self.verdict == VERDICT_CLEAN
 
     @property
     def incomplete(self) -> bool:
         """True when an item the user named (a host, a registry row) was not read."""
         return any(p.named for p in self.problems)
+
+    @property
+    def missed(self) -> tuple[SourceProblem, ...]:
+        """The items the user named (hosts, registry rows) that were not read."""
+        return tuple(p for p in self.problems if p.named)
+
+    @property
+    def verdict(self) -> str:
+        """``"findings"``, ``"incomplete"`` (none found, but not all read) or
+        ``"clean"``.
+
+        Findings win: a run that found something is ``"findings"`` even when
+        it could not read everything.
+        """
+        if self.findings:
+            return VERDICT_FINDINGS
+        return VERDICT_INCOMPLETE if self.incomplete else VERDICT_CLEAN
 
     @property
     def affected_units(self) -> int:
@@ -195,21 +225,25 @@ def _shared_factors(
 ) -> list[SharedFactor]:
     progress.start(PRODUCT_STAGE, len(moduli), "moduli")
     progress.start(REMAINDER_STAGE, len(moduli), "moduli")
-    try:
-        if settings.dask_address:
-            from unitcert.audit.distributed import batch_gcd_on_dask
+    if settings.dask_address:
+        from unitcert.audit.distributed import batch_gcd_on_dask
 
-            gcds = batch_gcd_on_dask(
-                moduli, settings.dask_address, progress=progress.fraction
-            )
-        else:
-            gcds = batch_gcd(
-                moduli,
-                jobs=settings.jobs,
-                spill=_spill(moduli, settings),
-                workdir=settings.workdir,
-                progress=progress.fraction,
-            )
+        # It maps the cluster's failures to sentences of its own: a Dask
+        # timeout is an OSError, but no work file of ours is involved.
+        gcds = batch_gcd_on_dask(
+            moduli, settings.dask_address, progress=progress.fraction
+        )
+        progress.finish(PRODUCT_STAGE)
+        progress.finish(REMAINDER_STAGE)
+        return split_shared(moduli, gcds)
+    try:
+        gcds = batch_gcd(
+            moduli,
+            jobs=settings.jobs,
+            spill=_spill(moduli, settings),
+            workdir=settings.workdir,
+            progress=progress.fraction,
+        )
     except OSError as exc:
         where = settings.workdir or "the temporary folder"
         raise InputError(
