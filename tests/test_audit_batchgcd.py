@@ -235,3 +235,72 @@ def test_batch_gcd_on_dask_matches_the_single_machine_run(
     assert gcds == batch_gcd(moduli)
     assert _found(moduli, gcds) == expected
     assert fractions[-1] == 1.0
+
+
+_INTERRUPTED_RUN = """
+import random, sys
+from unitcert.quality.batchgcd import batch_gcd
+rng = random.Random(7)
+moduli = [rng.getrandbits(2048) | (1 << 2047) | 1 for _ in range(200_000)]
+print("ready", flush=True)
+try:
+    batch_gcd(moduli, jobs=2)
+except KeyboardInterrupt:
+    sys.exit(130)
+"""
+
+
+def test_ctrl_c_ends_the_workers_at_once_and_quietly() -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    # Ctrl-C in a terminal signals the whole process group, workers included.
+    process = subprocess.Popen(
+        [sys.executable, "-c", _INTERRUPTED_RUN],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        assert process.stdout is not None
+        assert process.stdout.readline() == b"ready\n"
+        children = Path(f"/proc/{process.pid}/task/{process.pid}/children")
+        deadline = time.monotonic() + 30
+        while len(children.read_text().split()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        workers = [int(pid) for pid in children.read_text().split()]
+        time.sleep(1.0)  # the workers are building their trees
+        interrupted = time.monotonic()
+        os.killpg(process.pid, signal.SIGINT)
+        _, err = process.communicate(timeout=30)
+        took = time.monotonic() - interrupted
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+    assert process.returncode == 130
+    assert b"Traceback" not in err and b"KeyboardInterrupt" not in err, err
+    assert took < 3, took
+    assert len(workers) >= 2
+    # Killed, they are gone within moments (the resource tracker, also a
+    # child, leaves as soon as it sees its parent gone).
+    deadline = time.monotonic() + 2
+    while [pid for pid in workers if _running(pid)] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not [pid for pid in workers if _running(pid)]
+
+
+def _running(pid: int) -> bool:
+    """Whether a process is still there and not a zombie waiting to be reaped."""
+    from pathlib import Path
+
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"

@@ -41,6 +41,7 @@ import logging
 import math
 import multiprocessing
 import multiprocessing.connection
+import signal
 import struct
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -604,6 +605,9 @@ def _group_worker(
     object would keep alive); the roots and the other groups' products go
     through files in ``exchange``, which costs no pickled copies.
     """
+    # Ctrl-C reaches the whole process group: the parent decides what to do
+    # and ends its workers; a worker never prints its own KeyboardInterrupt.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     folder = Path(exchange)
     last = 0.0
 
@@ -625,10 +629,22 @@ def _group_worker(
         (folder / f"others-{index}").unlink()
         results = descend_group_tree(tree, others, progress=report)
         conn.send(("results", index, results))
+    except (BrokenPipeError, EOFError, ConnectionResetError):
+        # The parent has gone (interrupted, or failed elsewhere): nobody is
+        # left to tell, and its clean-up ends this process.
+        return
     except BaseException as exc:
-        conn.send(
-            ("error", index, f"{type(exc).__name__}: {exc}", isinstance(exc, OSError))
-        )
+        try:
+            conn.send(
+                (
+                    "error",
+                    index,
+                    f"{type(exc).__name__}: {exc}",
+                    isinstance(exc, OSError),
+                )
+            )
+        except OSError:
+            return
         raise
 
 
@@ -643,6 +659,7 @@ def _run_in_processes(
     context = multiprocessing.get_context("spawn")
     workers: list[Any] = []
     connections: dict[Any, int] = {}
+    finished = False
     try:
         for index, group in enumerate(groups):
             parent, child = context.Pipe()
@@ -657,12 +674,19 @@ def _run_in_processes(
             workers.append(process)
             connections[parent] = index
             parent.send([int(moduli[i]) for i in group])
-        return _collect(moduli, groups, exchange, dict(connections), workers, progress)
+        results = _collect(
+            moduli, groups, exchange, dict(connections), workers, progress
+        )
+        finished = True
+        return results
     finally:
         for conn in connections:
             conn.close()
         for process in workers:
-            process.join(timeout=5)
+            # Done: the workers are exiting. Failed or interrupted: they
+            # would compute on for nothing.
+            if finished:
+                process.join(timeout=5)
             if process.is_alive():
                 process.kill()
                 process.join()
