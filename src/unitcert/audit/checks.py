@@ -322,6 +322,12 @@ def _check_one(
         else:
             found = ()
     elif n is not None and e is not None:
+        if n < 3:
+            # badkeys divides by the modulus's size: a modulus of 0, 1, 2 or
+            # below is not an RSA key at all, which is the whole finding.
+            return (
+                ("rsainvalid", f"its RSA modulus {n} is not a modulus (it is under 3)"),
+            )
         found = quality.check_rsa_numbers(n, e)
     else:
         found = ()

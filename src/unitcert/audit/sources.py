@@ -35,7 +35,9 @@ import logging
 import os
 import re
 import ssl
+import stat
 import sys
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -45,6 +47,7 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
+from cryptography.utils import CryptographyDeprecationWarning
 
 from unitcert.code import code_for_spki, spki_from_cert_der, spki_from_csr_der
 from unitcert.errors import InputError
@@ -404,16 +407,21 @@ def cert_record(
     spki = spki_from_cert_der(der)
     subject = issued = None
     try:
-        cert = x509.load_der_x509_certificate(der)
-    except ValueError:
-        cert = None
-    if cert is not None:
+        with warnings.catch_warnings():
+            # A serial number of zero or below, common in devices' default
+            # certificates, is only warned about: the key is what is audited.
+            warnings.simplefilter("ignore", CryptographyDeprecationWarning)
+            cert = x509.load_der_x509_certificate(der)
         if chain_member and _is_ca(cert):
             return None
         subject = _subject_text(cert.subject)
         issued = cert.not_valid_before_utc
         if serial is None:
             serial = _stated_serial(cert.subject)
+    except (ValueError, x509.InvalidVersion):
+        # The key was read from where X.509 puts it; what else the
+        # certificate says (a malformed name or extension) is left unknown.
+        logger.debug("%s: the certificate's fields are unreadable", location)
     return key_record(
         spki,
         unit=unit,
@@ -432,7 +440,7 @@ def _csr_record(der: bytes, *, unit: str, location: str) -> KeyRecord:
     subject = serial = None
     try:
         name = x509.load_der_x509_csr(der).subject
-    except ValueError:
+    except (ValueError, x509.InvalidVersion):
         name = None
     if name is not None:
         subject, serial = _subject_text(name), _stated_serial(name)
@@ -452,56 +460,184 @@ def _csr_record(der: bytes, *, unit: str, location: str) -> KeyRecord:
 
 @dataclass(frozen=True)
 class _Block:
-    """One key-carrying item in a file, before it is turned into a record."""
+    """One key-carrying item in a file, before it is turned into a record.
+
+    ``where`` is how a problem with the item is located in the file: ``:17``
+    for a text line, empty for a numbered block (``#3``).
+    """
 
     kind: str  # "certificate", "csr", "public key", "rsa public key", "ssh"
     data: bytes
     host: str | None = None
+    where: str = ""
+
+
+@dataclass(frozen=True)
+class _Bad:
+    """An item of a file that is meant to carry a key and cannot be read."""
+
+    where: str  # ":17" (a line) or "#3" (a block)
+    reason: str
 
 
 class _NotKeys(Exception):
     """The file holds nothing the audit reads (said in the message)."""
 
 
-def _pem_blocks(data: bytes) -> list[_Block]:
-    blocks = []
+class _Unreadable(Exception):
+    """The file may hold keys but cannot be read (said in the message)."""
+
+
+# A line that carries an OpenSSH key: "[host-or-options ]key-type AAAA...",
+# every key blob starting with the four-byte length of its type name.
+_SSH_LINE_RE = re.compile(
+    rb"^[ \t]*(?:\S+[ \t]+)?(?:"
+    + b"|".join(re.escape(kind.encode()) for kind in _SSH_KEY_TYPES)
+    + rb")[ \t]+AAAA"
+)
+
+
+_PEM_KINDS = {
+    **dict.fromkeys(_CERT_LABELS, "certificate"),
+    **dict.fromkeys(_CSR_LABELS, "csr"),
+    "PUBLIC KEY": "public key",
+    "RSA PUBLIC KEY": "rsa public key",
+}
+
+
+def _pem_items(data: bytes) -> list[_Block | _Bad]:
+    items: list[_Block | _Bad] = []
     for match in _PEM_RE.finditer(data):
         label = match.group(1).decode("ascii")
         if "PRIVATE KEY" in label:
             # Never decoded: the audit has no business with private keys.
             continue
+        kind = _PEM_KINDS.get(label)
+        if kind is None:
+            continue
         try:
             der = base64.b64decode(match.group(2), validate=False)
         except (ValueError, binascii.Error):
+            line = data.count(b"\n", 0, match.start()) + 1
+            items.append(_Bad(f":{line}", f"the {label} block is not valid base64"))
             continue
-        if label in _CERT_LABELS:
-            blocks.append(_Block("certificate", der))
-        elif label in _CSR_LABELS:
-            blocks.append(_Block("csr", der))
-        elif label == "PUBLIC KEY":
-            blocks.append(_Block("public key", der))
-        elif label == "RSA PUBLIC KEY":
-            blocks.append(_Block("rsa public key", der))
-    return blocks
+        items.append(_Block(kind, der))
+    return items
 
 
-def _ssh_blocks(text: str) -> list[_Block]:
-    blocks = []
-    for raw in text.splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
+def _ssh_item(line: str, number: int) -> _Block | _Bad | None:
+    """Read one line of an OpenSSH public key or ``known_hosts`` file."""
+    fields = line.split()
+    if not fields or fields[0].startswith("#"):
+        return None
+    if fields[0].startswith("@"):
+        # known_hosts markers: @cert-authority keys are the maker's CA,
+        # @revoked keys are already known bad; neither is a unit's key.
+        return None
+    where = f":{number}"
+    position = next((i for i, f in enumerate(fields) if f in _SSH_KEY_TYPES), None)
+    if position is None:
+        return _Bad(where, f"line {number} is not an OpenSSH public key line")
+    if position + 1 >= len(fields):
+        return _Bad(where, f"line {number} is cut off before its key")
+    blob = f"{fields[position]} {fields[position + 1]}".encode()
+    # "host key-type blob" is a known_hosts line; options before the key type
+    # (authorized_keys) name no host.
+    host = fields[0].split(",")[0] if position == 1 else None
+    return _Block("ssh", blob, host, where)
+
+
+def _ssh_items(data: bytes, *, every_line: bool) -> list[_Block | _Bad]:
+    """Read the OpenSSH key lines of ``data``, each line on its own.
+
+    With ``every_line`` (a file of OpenSSH keys) a line that is no key line is
+    a problem; otherwise (text around PEM blocks, notes with a key in them)
+    only the lines that look like key lines are read.
+    """
+    items: list[_Block | _Bad] = []
+    for number, raw in enumerate(data.splitlines(), start=1):
+        if not every_line and not _SSH_LINE_RE.match(raw):
             continue
-        fields = line.split()
-        if fields[0].startswith("@"):
-            # known_hosts markers: @cert-authority keys are the maker's CA,
-            # @revoked keys are already known bad; neither is a unit's key.
-            continue
-        if fields[0] in _SSH_KEY_TYPES and len(fields) >= 2:
-            blocks.append(_Block("ssh", f"{fields[0]} {fields[1]}".encode()))
-        elif len(fields) >= 3 and fields[1] in _SSH_KEY_TYPES:
-            host = fields[0].split(",")[0]
-            blocks.append(_Block("ssh", f"{fields[1]} {fields[2]}".encode(), host))
-    return blocks
+        line = raw.decode("utf-8", errors="replace")
+        item = _ssh_item(line, number)
+        if isinstance(item, _Block) and "\ufffd" in item.data.decode():
+            item = _Bad(f":{number}", _not_utf8(raw, f"line {number}"))
+        elif isinstance(item, _Bad) and "\ufffd" in line:
+            item = _Bad(item.where, _not_utf8(raw, f"line {number}"))
+        if item is not None:
+            items.append(item)
+    return items
+
+
+def _not_utf8(raw: bytes, what: str) -> str:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return f"{what} is not UTF-8 text (byte {exc.start + 1} of the line)"
+    return f"{what} is not UTF-8 text"
+
+
+def _without_pem(data: bytes) -> bytes:
+    """Blank out the PEM blocks of ``data``, keeping its line numbers."""
+    return _PEM_RE.sub(lambda m: b"\n" * m.group(0).count(b"\n"), data)
+
+
+def _der_items(data: bytes) -> list[_Block | _Bad]:
+    """Read one DER item after another (certificates concatenated, say)."""
+    items: list[_Block | _Bad] = []
+    offset = 0
+    last = len(data.rstrip(b"\x00 \t\r\n"))  # past it, padding or a newline
+    while offset < last:
+        try:
+            _, _, end = _read_der(data, offset)
+        except ValueError:
+            end = None
+        if end is None or data[offset] != 0x30:
+            if not items:
+                raise _NotKeys("it holds no certificate, CSR or public key")
+            items.append(
+                _Bad(
+                    f"#{len(items) + 1}",
+                    f"the {len(data) - offset} bytes after item {len(items)} are not "
+                    "a DER certificate, CSR or public key",
+                )
+            )
+            break
+        try:
+            items.append(_der_block(data[offset:end]))
+        except _NotKeys:
+            if not items:
+                raise
+            items.append(
+                _Bad(
+                    f"#{len(items) + 1}",
+                    f"DER item {len(items) + 1} is no certificate, CSR or public key",
+                )
+            )
+        offset = end
+    if not items:
+        raise _NotKeys("it holds no certificate, CSR or public key")
+    return items
+
+
+def _file_items(data: bytes) -> list[_Block | _Bad]:
+    if not data.strip():
+        raise _NotKeys("it is empty")
+    lines = [line for line in data.splitlines() if line.strip()]
+    key_lines = sum(1 for line in lines if _SSH_LINE_RE.match(line))
+    content = sum(1 for line in lines if not line.lstrip().startswith(b"#"))
+    if b"-----BEGIN" in data:
+        items = _pem_items(data) + _ssh_items(_without_pem(data), every_line=False)
+    elif key_lines and 2 * key_lines >= content:
+        # A file of OpenSSH keys or known_hosts: every line is read on its own.
+        items = _ssh_items(data, every_line=True)
+    elif key_lines:
+        items = _ssh_items(data, every_line=False)
+    else:
+        return _der_items(data)
+    if not items:
+        raise _NotKeys("it holds no certificate, CSR or public key")
+    return items
 
 
 def _der_block(data: bytes) -> _Block:
@@ -542,30 +678,59 @@ def _spki_from_pkcs1(der: bytes) -> bytes:
     return _der_element(0x30, _RSA_ALGORITHM + _der_element(0x03, b"\x00" + der))
 
 
-def _file_blocks(data: bytes) -> list[_Block]:
-    if b"-----BEGIN" in data:
-        blocks = _pem_blocks(data)
-        if not blocks:
-            raise _NotKeys("it holds no certificate, CSR or public key")
-        return blocks
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        text = ""
-    if text and any(kind in text for kind in _SSH_KEY_TYPES):
-        blocks = _ssh_blocks(text)
-        if blocks:
-            return blocks
-    if not data:
-        raise _NotKeys("it is empty")
-    return [_der_block(data)]
-
-
 def _ssh_spki(blob: bytes) -> bytes:
-    key = serialization.load_ssh_public_key(blob)
+    """Return the SPKI of an OpenSSH key line's ``type base64`` part.
+
+    An ``ssh-rsa`` key whose numbers ``cryptography`` refuses (an exponent of
+    1, a modulus of 0) is still read, as bare numbers, to be reported.
+
+    Raises:
+        InputError: the key cannot be read.
+    """
+    try:
+        key = serialization.load_ssh_public_key(blob)
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        numbers = _ssh_rsa_numbers(blob)
+        if numbers is None:
+            raise InputError(
+                "the SSH public key is unreadable (its base64 is cut off or "
+                "malformed, or its key type is not one the audit reads)"
+            ) from exc
+        n, e = numbers
+        return _spki_from_pkcs1(_der_element(0x30, _der_integer(n) + _der_integer(e)))
     return key.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
+
+
+def _der_integer(value: int) -> bytes:
+    size = value.bit_length() // 8 + 1
+    return _der_element(0x02, value.to_bytes(size, "big", signed=True))
+
+
+def _ssh_rsa_numbers(blob: bytes) -> tuple[int, int] | None:
+    """Read (n, e) from ``ssh-rsa <base64>`` (RFC 4253 6.6) without checking them."""
+    kind, _, encoded = blob.partition(b" ")
+    if kind != b"ssh-rsa":
+        return None
+    try:
+        raw = base64.b64decode(encoded, validate=True)
+    except (ValueError, binascii.Error):
+        return None
+    fields: list[bytes] = []
+    offset = 0
+    while offset < len(raw) and len(fields) < 3:
+        if offset + 4 > len(raw):
+            return None
+        size = int.from_bytes(raw[offset : offset + 4], "big")
+        if offset + 4 + size > len(raw):
+            return None
+        fields.append(raw[offset + 4 : offset + 4 + size])
+        offset += 4 + size
+    if len(fields) != 3 or fields[0] != b"ssh-rsa" or offset != len(raw):
+        return None
+    e, n = (int.from_bytes(f, "big", signed=True) for f in fields[1:])
+    return n, e
 
 
 def _block_record(
@@ -590,12 +755,8 @@ def _block_record(
             form="public key",
         )
     if block.kind == "ssh":
-        try:
-            spki = _ssh_spki(block.data)
-        except (ValueError, UnsupportedAlgorithm) as exc:
-            raise InputError(f"{location}: the SSH public key is unreadable") from exc
         return key_record(
-            spki,
+            _ssh_spki(block.data),
             unit=block.host or unit,
             source="file",
             location=location,
@@ -606,12 +767,23 @@ def _block_record(
     )
 
 
+def _item_reason(exc: BaseException, location: str) -> str:
+    """The reason of an item's failure, without the location it may repeat."""
+    text = str(exc) or type(exc).__name__
+    return text.removeprefix(f"{location}: ")
+
+
 class FileSource:
     """Certificates, CSRs, public keys and SSH host keys in files and folders.
 
-    Files may be PEM (any number of blocks), DER, OpenSSH public keys (one
-    per line) or ``known_hosts``. Folders are read recursively, in name
-    order; files in them that hold no key are reported as problems.
+    Files may be PEM (any number of blocks, and OpenSSH key lines between
+    them), DER (one item or several in a row), OpenSSH public keys (one per
+    line) or ``known_hosts``. Folders are read recursively, in name order,
+    following symbolic links; a file reached twice (named twice, or through
+    a link) is read once. A file in a folder that holds no key is reported as
+    a problem; one that cannot be read, a folder that cannot be listed, and
+    each item of a file that cannot be read (a ``known_hosts`` line, a PEM
+    block) are reported as problems that leave the audit incomplete.
     """
 
     def __init__(self, paths: Sequence[Path]) -> None:
@@ -622,8 +794,13 @@ class FileSource:
         """
         for path in paths:
             if not path.exists():
+                what = (
+                    "is a broken symbolic link"
+                    if path.is_symlink()
+                    else "does not exist"
+                )
                 raise InputError(
-                    f"{path} does not exist: give files or folders of certificates, "
+                    f"{path} {what}: give files or folders of certificates, "
                     "CSRs, public keys or SSH host keys"
                 )
         self.paths = tuple(paths)
@@ -636,16 +813,60 @@ class FileSource:
         """Return how many files the paths hold."""
         return sum(1 for _ in self.files())
 
-    def files(self) -> Iterator[tuple[Path, bool]]:
-        """Yield every file to read, and whether it was named explicitly."""
+    def files(
+        self, problems: list[SourceProblem] | None = None
+    ) -> Iterator[tuple[Path, bool]]:
+        """Yield every file to read once, and whether it was named explicitly.
+
+        Args:
+            problems: where to record the folders that cannot be listed.
+        """
+        seen_files: set[str] = set()
+        seen_folders: set[str] = set()
         for path in self.paths:
             if path.is_dir():
-                for folder, dirs, names in os.walk(path):
-                    dirs.sort()
-                    for name in sorted(names):
-                        yield Path(folder) / name, False
-            else:
+                yield from self._walk(path, seen_files, seen_folders, problems)
+                continue
+            real = os.path.realpath(path)
+            if real not in seen_files:
+                seen_files.add(real)
                 yield path, True
+
+    @staticmethod
+    def _walk(
+        top: Path,
+        seen_files: set[str],
+        seen_folders: set[str],
+        problems: list[SourceProblem] | None,
+    ) -> Iterator[tuple[Path, bool]]:
+        def unlisted(exc: OSError) -> None:
+            if problems is not None:
+                where = exc.filename if exc.filename is not None else top
+                problems.append(
+                    SourceProblem(
+                        str(where),
+                        f"the folder could not be listed: {_reason(exc)}",
+                        named=True,
+                    )
+                )
+
+        for folder, dirs, names in os.walk(top, onerror=unlisted, followlinks=True):
+            real = os.path.realpath(folder)
+            if real in seen_folders:
+                dirs.clear()  # a link back into a folder already read
+                continue
+            seen_folders.add(real)
+            dirs[:] = sorted(
+                d
+                for d in dirs
+                if os.path.realpath(os.path.join(folder, d)) not in seen_folders
+            )
+            for name in sorted(names):
+                path = Path(folder) / name
+                real_file = os.path.realpath(path)
+                if real_file not in seen_files:
+                    seen_files.add(real_file)
+                    yield path, False
 
     def records(
         self,
@@ -657,44 +878,62 @@ class FileSource:
         Raises:
             InputError: a file named explicitly cannot be read or holds no key.
         """
-        for path, explicit in self.files():
+        for path, explicit in self.files(problems):
             try:
-                yield from self._file_records(path)
-            except (InputError, _NotKeys, OSError) as exc:
-                reason = _reason(exc)
+                yield from self._file_records(path, problems)
+            except (_NotKeys, _Unreadable) as exc:
                 if explicit:
-                    raise InputError(f"cannot audit {path}: {reason}") from None
-                logger.debug("skipping %s: %s", path, reason)
-                problems.append(SourceProblem(str(path), reason))
+                    raise InputError(f"cannot audit {path}: {exc}") from None
+                logger.debug("skipping %s: %s", path, exc)
+                problems.append(
+                    SourceProblem(
+                        str(path), str(exc), named=isinstance(exc, _Unreadable)
+                    )
+                )
             if advance is not None:
                 advance(1)
 
-    def _file_records(self, path: Path) -> Iterator[KeyRecord]:
-        if not path.is_file():
-            raise _NotKeys("it is not a regular file")
-        with path.open("rb") as handle:
-            data = handle.read(MAX_FILE_BYTES + 1)
-        if len(data) > MAX_FILE_BYTES:
-            raise _NotKeys(f"it is over {MAX_FILE_BYTES // (1024 * 1024)} MiB")
-        blocks = _file_blocks(data)
+    def _file_records(
+        self, path: Path, problems: list[SourceProblem]
+    ) -> Iterator[KeyRecord]:
+        items = _file_items(_read_file(path))
         unit = str(path.with_suffix("")) if path.suffix else str(path)
         first_cert = next(
-            (i for i, block in enumerate(blocks) if block.kind == "certificate"), None
+            (
+                i
+                for i, item in enumerate(items)
+                if isinstance(item, _Block) and item.kind == "certificate"
+            ),
+            None,
         )
-        records = [
-            record
-            for number, block in enumerate(blocks, start=1)
-            if (
-                record := _block_record(
-                    block,
+        records = []
+        for number, item in enumerate(items, start=1):
+            if isinstance(item, _Bad):
+                problems.append(
+                    SourceProblem(f"{path}{item.where}", item.reason, named=True)
+                )
+                continue
+            location = f"{path}{item.where or f'#{number}'}"
+            try:
+                record = _block_record(
+                    item,
                     unit=unit,
-                    location=f"{path}#{number}",
-                    chain_member=block.kind == "certificate"
+                    location=location,
+                    chain_member=item.kind == "certificate"
                     and number - 1 != first_cert,
                 )
-            )
-            is not None
-        ]
+            except (InputError, ValueError, UnsupportedAlgorithm) as exc:
+                logger.debug("%s: unreadable", location, exc_info=True)
+                problems.append(
+                    SourceProblem(
+                        location,
+                        _item_reason(exc, location),
+                        named=True,
+                    )
+                )
+                continue
+            if record is not None:
+                records.append(record)
         if len(records) == 1:
             # One unit key in the file (a chain's CA certificates are skipped).
             yield replace(records[0], location=str(path))
@@ -702,6 +941,54 @@ class FileSource:
         for number, record in enumerate(records, start=1):
             named = record.unit if record.unit != unit else f"{unit}#{number}"
             yield replace(record, unit=named)
+
+
+def _read_file(path: Path) -> bytes:
+    """Read a file of at most :data:`MAX_FILE_BYTES`.
+
+    Raises:
+        _NotKeys: the path is not a regular file (a FIFO, a device).
+        _Unreadable: the file may hold keys but cannot be read.
+    """
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        if path.is_symlink():
+            raise _Unreadable("it is a broken symbolic link") from None
+        raise _Unreadable("it was removed while the audit ran") from None
+    except OSError as exc:
+        raise _Unreadable(f"it could not be read: {_reason(exc)}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise _NotKeys(f"it is not a regular file ({_file_kind(info.st_mode)})")
+    if info.st_size > MAX_FILE_BYTES:
+        raise _Unreadable(_too_large())
+    try:
+        with path.open("rb") as handle:
+            data = handle.read(MAX_FILE_BYTES + 1)
+    except OSError as exc:
+        raise _Unreadable(f"it could not be read: {_reason(exc)}") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise _Unreadable(_too_large())
+    return data
+
+
+def _too_large() -> str:
+    return (
+        f"it is larger than the {MAX_FILE_BYTES // (1024 * 1024)} MiB limit, so "
+        "it was not read"
+    )
+
+
+def _file_kind(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    return "a special file"
 
 
 def _reason(exc: BaseException) -> str:
@@ -743,30 +1030,47 @@ def _parse_address(text: str, where: str) -> HostAddress:
 def read_hosts_file(path: Path) -> list[HostAddress]:
     """Read a hosts file: one ``host:port`` per line, ``#`` comments allowed.
 
+    An address listed twice is returned once.
+
     Raises:
         InputError: the file cannot be read or a line is not ``host:port``.
     """
     try:
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):
+            raise InputError(
+                f"the hosts file {path} is not a regular file "
+                f"({_file_kind(info.st_mode)}): give a text file of host:port lines"
+            )
+        if info.st_size > MAX_FILE_BYTES:
+            raise InputError(f"the hosts file {path} is too large: {_too_large()}")
         text = path.read_text("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) else "it is not text"
+        reason = exc.strerror if isinstance(exc, OSError) else "it is not UTF-8 text"
         raise InputError(f"cannot read the hosts file {path}: {reason}") from None
     addresses = []
     for number, raw in enumerate(text.splitlines(), start=1):
         line = raw.split("#", 1)[0].strip()
         if line:
             addresses.append(_parse_address(line, f"{path}, line {number}"))
-    return addresses
+    return list(dict.fromkeys(addresses))
 
 
 def _client_context() -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    # The audit reads whatever certificate a unit serves, weak or not: no
-    # verification, and OpenSSL's security level 0 so that a unit serving a
-    # 1024-bit RSA key is seen (and reported) rather than refused.
+    # The audit reads whatever certificate a unit serves, weak or not, and
+    # sends no data: no verification, TLS 1.0 and up, and every cipher at
+    # OpenSSL's security level 0, so that an old unit (TLS 1.0 only, a
+    # 1024-bit RSA key, RC4 or 3DES) is seen and reported rather than
+    # refused. Anonymous suites are left out: they carry no certificate.
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
-    context.set_ciphers("DEFAULT:@SECLEVEL=0")
+    context.set_ciphers("ALL:!aNULL:@SECLEVEL=0")
+    with warnings.catch_warnings():
+        # Python deprecates TLS 1.0 and 1.1 for clients; reading an old
+        # unit's certificate is exactly what they are still needed for.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        context.minimum_version = ssl.TLSVersion.TLSv1
     return context
 
 
@@ -802,7 +1106,7 @@ class HostSource:
             raise ValueError(f"concurrency must be at least 1, not {concurrency}")
         if timeout <= 0:
             raise ValueError(f"timeout must be positive, not {timeout}")
-        self.addresses = tuple(addresses)
+        self.addresses = tuple(dict.fromkeys(addresses))
         self.concurrency = concurrency
         self.timeout = timeout
 
@@ -879,6 +1183,10 @@ class HostSource:
             return f"TLS failed ({exc.reason or exc})"
         except OSError as exc:
             return f"cannot connect ({exc.strerror or exc})"
+        except ValueError as exc:
+            # The host name cannot be encoded (IDNA refuses "a..b", an empty
+            # label or one over 63 characters): no connection was attempted.
+            return f"the host name is not a valid DNS name ({exc})"
         if not der:
             return "it sent no certificate"
         return bytes(der)
