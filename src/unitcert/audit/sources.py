@@ -505,9 +505,14 @@ _PEM_KINDS = {
 }
 
 
-def _pem_items(data: bytes) -> list[_Block | _Bad]:
+def _pem_items(data: bytes) -> tuple[list[_Block | _Bad], bool]:
+    """Read the PEM blocks; say too whether any text lies outside them."""
     items: list[_Block | _Bad] = []
+    outside = False
+    end = 0
     for match in _PEM_RE.finditer(data):
+        outside = outside or bool(data[end : match.start()].strip())
+        end = match.end()
         label = match.group(1).decode("ascii")
         if "PRIVATE KEY" in label:
             # Never decoded: the audit has no business with private keys.
@@ -522,7 +527,7 @@ def _pem_items(data: bytes) -> list[_Block | _Bad]:
             items.append(_Bad(f":{line}", f"the {label} block is not valid base64"))
             continue
         items.append(_Block(kind, der))
-    return items
+    return items, outside or bool(data[end:].strip())
 
 
 def _ssh_item(line: str, number: int) -> _Block | _Bad | None:
@@ -623,12 +628,17 @@ def _der_items(data: bytes) -> list[_Block | _Bad]:
 def _file_items(data: bytes) -> list[_Block | _Bad]:
     if not data.strip():
         raise _NotKeys("it is empty")
+    if b"-----BEGIN" in data:
+        items, outside = _pem_items(data)
+        if outside:
+            items += _ssh_items(_without_pem(data), every_line=False)
+        if not items:
+            raise _NotKeys("it holds no certificate, CSR or public key")
+        return items
     lines = [line for line in data.splitlines() if line.strip()]
     key_lines = sum(1 for line in lines if _SSH_LINE_RE.match(line))
     content = sum(1 for line in lines if not line.lstrip().startswith(b"#"))
-    if b"-----BEGIN" in data:
-        items = _pem_items(data) + _ssh_items(_without_pem(data), every_line=False)
-    elif key_lines and 2 * key_lines >= content:
+    if key_lines and 2 * key_lines >= content:
         # A file of OpenSSH keys or known_hosts: every line is read on its own.
         items = _ssh_items(data, every_line=True)
     elif key_lines:
@@ -839,34 +849,42 @@ class FileSource:
         seen_folders: set[str],
         problems: list[SourceProblem] | None,
     ) -> Iterator[tuple[Path, bool]]:
-        def unlisted(exc: OSError) -> None:
-            if problems is not None:
-                where = exc.filename if exc.filename is not None else top
-                problems.append(
-                    SourceProblem(
-                        str(where),
-                        f"the folder could not be listed: {_reason(exc)}",
-                        named=True,
+        # Depth first, names sorted, a folder's files before its subfolders.
+        # Only a symbolic link costs a realpath: any other entry's real path
+        # is its folder's real path and its name.
+        pending = [(str(top), os.path.realpath(top))]
+        while pending:
+            folder, real_folder = pending.pop()
+            if real_folder in seen_folders:
+                continue  # reached before, through a link
+            seen_folders.add(real_folder)
+            try:
+                with os.scandir(folder) as listing:
+                    entries = sorted(listing, key=lambda entry: entry.name)
+            except OSError as exc:
+                if problems is not None:
+                    problems.append(
+                        SourceProblem(
+                            folder,
+                            f"the folder could not be listed: {_reason(exc)}",
+                            named=True,
+                        )
                     )
-                )
-
-        for folder, dirs, names in os.walk(top, onerror=unlisted, followlinks=True):
-            real = os.path.realpath(folder)
-            if real in seen_folders:
-                dirs.clear()  # a link back into a folder already read
                 continue
-            seen_folders.add(real)
-            dirs[:] = sorted(
-                d
-                for d in dirs
-                if os.path.realpath(os.path.join(folder, d)) not in seen_folders
-            )
-            for name in sorted(names):
-                path = Path(folder) / name
-                real_file = os.path.realpath(path)
-                if real_file not in seen_files:
-                    seen_files.add(real_file)
-                    yield path, False
+            subfolders = []
+            for entry in entries:
+                if entry.is_symlink():
+                    real = os.path.realpath(entry.path)
+                    is_folder = os.path.isdir(real)
+                else:
+                    real = os.path.join(real_folder, entry.name)
+                    is_folder = entry.is_dir(follow_symlinks=False)
+                if is_folder:
+                    subfolders.append((entry.path, real))
+                elif real not in seen_files:
+                    seen_files.add(real)
+                    yield Path(entry.path), False
+            pending.extend(reversed(subfolders))
 
     def records(
         self,
