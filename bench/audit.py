@@ -111,8 +111,9 @@ def _write_keys(moduli: list[int], folder: Path) -> None:
 
 
 def _unit_index(name: str) -> int:
-    """Turn ``.../keys-0003#17`` into the position of that key in the moduli."""
-    stem, _, number = name.rpartition("#")
+    """Turn ``.../keys-0003.pem#17`` into the position of that key in the moduli."""
+    path, _, number = name.rpartition("#")
+    stem = Path(path).stem
     return int(stem.rsplit("-", 1)[1]) * _KEYS_PER_FILE + int(number) - 1
 
 

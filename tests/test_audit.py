@@ -196,7 +196,7 @@ class Fleet:
 
 
 def _unit(path: Path) -> str:
-    return str(path.with_suffix(""))
+    return str(path)
 
 
 @pytest.fixture(scope="session")
@@ -263,7 +263,9 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, prime_pool: list[int]) -> Fl
     (planted / "both-3.der").write_bytes(
         ca.issue(_rsa_public(q2 * s2), "b3").public_bytes(serialization.Encoding.DER)
     )
-    both = [_unit(planted / f"both-{i}.pem") for i in (1, 2, 3)]
+    both = [
+        _unit(planted / name) for name in ("both-1.pem", "both-2.pem", "both-3.der")
+    ]
     expected.add(("shared-prime", frozenset({both[0], both[1]})))
     expected.add(("shared-prime", frozenset({both[0], both[2]})))
 
@@ -679,7 +681,7 @@ def test_audit_reads_the_factory_registry_with_files(
     (files / "r6-reissue.pem").write_bytes(_pem(ca.issue(keys[6], "r6", "R-006")))
     expected = {
         ("duplicate-key", frozenset({"r-100", "r-101"})),
-        ("shared-prime", frozenset({"r-103", str(files / "legacy")})),
+        ("shared-prime", frozenset({"r-103", str(files / "legacy.pem")})),
     }
 
     for source in (["--dir", str(tmp_path / "F")], ["--db", url]):
@@ -727,7 +729,7 @@ def test_default_certificates_marked_ca_are_audited_as_units(tmp_path: Path) -> 
     assert code == 1
     assert (
         "duplicate-key",
-        frozenset({str(tmp_path / "u1"), str(tmp_path / "u2")}),
+        frozenset({str(tmp_path / "u1.crt"), str(tmp_path / "u2.crt")}),
     ) in (_findings(report))
 
 
@@ -771,7 +773,7 @@ def test_audit_is_not_clean_when_a_named_host_could_not_be_read(
         server.close()
 
     assert code == 2
-    assert "1 of the hosts" in err and dead in err
+    assert "1 item that may hold keys" in err and dead in err
     assert "not known to be clean" in err
     data = json.loads(report.read_text())
     assert data["units"] == 1 and data["findings"] == []
@@ -885,3 +887,36 @@ def test_an_even_rsa_exponent_is_invalid(prime_pool: list[int], exponent: int) -
     invalid = [f for f in findings if f.check == "rsainvalid"]
     assert len(invalid) == 1
     assert str(exponent) in invalid[0].detail
+
+
+def test_files_differing_only_in_extension_are_one_unit_only_for_one_key(
+    prime_pool: list[int], tmp_path: Path
+) -> None:
+    ca = _make_ca()
+    p, q, r = prime_pool[:3]
+    # Two keys that share a prime, in x.pem and x.der: two units.
+    (tmp_path / "x.pem").write_bytes(_spki_pem(_rsa_public(p * q)))
+    (tmp_path / "x.der").write_bytes(
+        ca.issue(_rsa_public(p * r), "x").public_bytes(serialization.Encoding.DER)
+    )
+    # One key under two names, in y.pem and y.crt: two units sharing a key.
+    twin = ec.generate_private_key(ec.SECP256R1()).public_key()
+    (tmp_path / "y.pem").write_bytes(_pem(ca.issue(twin, "ec-unit1")))
+    (tmp_path / "y.crt").write_bytes(_pem(ca.issue(twin, "ec-unit2")))
+    # A unit's certificate and its CSR: one unit.
+    own = ec.generate_private_key(ec.SECP256R1())
+    (tmp_path / "unit-42.crt").write_bytes(_pem(ca.issue(own.public_key(), "u42")))
+    (tmp_path / "unit-42.csr").write_bytes(_csr(own, "u42"))
+    report = tmp_path.parent / f"{tmp_path.name}-report.json"
+
+    code, _, err = _run(str(tmp_path), "-q", "--json", str(report))
+
+    assert code == 1, err
+    assert _findings(report) == {
+        ("shared-prime", frozenset({str(tmp_path / "x.pem"), str(tmp_path / "x.der")})),
+        (
+            "duplicate-key",
+            frozenset({str(tmp_path / "y.pem"), str(tmp_path / "y.crt")}),
+        ),
+    }
+    assert json.loads(report.read_text())["units"] == 5

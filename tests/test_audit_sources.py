@@ -276,7 +276,7 @@ def test_degenerate_rsa_numbers_are_findings_not_crashes(tmp_path: Path) -> None
         if f["kind"] == "rsainvalid"
         for u in f["units"]
     }
-    assert invalid == {"zero", "one", "negative", "ssh"}
+    assert invalid == {"zero.pem", "one.pem", "negative.pem", "ssh.pub"}
 
 
 def test_a_host_name_idna_refuses_is_a_problem_of_that_host(tmp_path: Path) -> None:
@@ -417,8 +417,8 @@ def test_every_der_certificate_of_a_concatenated_file_is_read(tmp_path: Path) ->
     records, problems = _read(path, broken)
 
     assert [(r.unit, r.subject) for r in records[:2]] == [
-        (str(tmp_path / "two#1"), "CN=a"),
-        (str(tmp_path / "two#2"), "CN=b"),
+        (str(tmp_path / "two.der#1"), "CN=a"),
+        (str(tmp_path / "two.der#2"), "CN=b"),
     ]
     assert len(records) == 3
     assert [(p.location, p.named) for p in problems] == [(f"{broken}#2", True)]

@@ -27,6 +27,8 @@ import datetime as dt
 import hashlib
 import logging
 import multiprocessing
+import os
+import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -125,7 +127,11 @@ def distinct_units(records: Iterable[KeyRecord]) -> list[list[KeyRecord]]:
 
     Records are one unit when any of these holds:
 
-    * they have the same unit name (the same file stem, host or serial);
+    * they have the same unit name (the same file, host or serial);
+    * they come from files that differ only in their extension and carry the
+      same key under the same subject (or one of them has none): a unit's
+      certificate and its CSR or public key. Different keys, or the same key
+      under two subjects, in ``x.pem`` and ``x.der`` are two units;
     * they carry the same certificate, seen once in each of several kinds of
       source (a unit's certificate in a file and served by one live host);
     * they state the same unit serial for the same key (a reissued
@@ -166,6 +172,16 @@ def distinct_units(records: Iterable[KeyRecord]) -> list[list[KeyRecord]]:
     for indices in by_name.values():
         join(indices)
 
+    by_stem: dict[tuple[str, tuple[str, object]], list[int]] = {}
+    for index, record in enumerate(items):
+        if record.source == "file":
+            key = (_file_stem(record.unit), _key_identity(record))
+            by_stem.setdefault(key, []).append(index)
+    for indices in by_stem.values():
+        subjects = {items[i].subject for i in indices} - {None}
+        if len(indices) > 1 and len(subjects) <= 1:
+            join(indices)
+
     shared_certs = set()
     for cert, indices in by_cert.items():
         names_by_source: dict[str, set[str]] = {}
@@ -191,6 +207,16 @@ def distinct_units(records: Iterable[KeyRecord]) -> list[list[KeyRecord]]:
     for index, record in enumerate(items):
         groups.setdefault(find(index), []).append(record)
     return list(groups.values())
+
+
+_NUMBERED = re.compile(r"(.*?)(#\d+)", re.DOTALL)
+
+
+def _file_stem(unit: str) -> str:
+    """``dir/unit-42.pem`` -> ``dir/unit-42``; ``dir/b.pem#2`` -> ``dir/b#2``."""
+    match = _NUMBERED.fullmatch(unit)
+    path, number = (match.group(1), match.group(2)) if match else (unit, "")
+    return os.path.splitext(path)[0] + number
 
 
 def _affected(group: Sequence[KeyRecord]) -> AffectedUnit:

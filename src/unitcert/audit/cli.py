@@ -344,7 +344,9 @@ def audit(
     if report.incomplete:
         missed = report.missed
         _error(
-            f"{len(missed):,} of the hosts or registry units given could not be "
+            f"{len(missed):,} "
+            + ("item" if len(missed) == 1 else "items")
+            + " that may hold keys (hosts, registry rows, key files) could not be "
             f"audited (first: {missed[0].location}: {missed[0].reason}), so the "
             "fleet is not known to be clean: see --json for every one"
         )

@@ -108,7 +108,7 @@ def _h(text: str) -> str:
 def _common_folder(report: AuditReport) -> str | None:
     """The folder that every file unit of the findings is under, if any."""
     names = {u.name for f in report.findings for u in f.units if u.source == "file"}
-    # A unit's name is a file path without its extension: its folder is the
+    # A file unit's name is its path (maybe with "#N"): its folder is the
     # name's parent, whatever the name itself looks like.
     folders = {os.path.dirname(n) for n in names if os.path.isabs(n)}
     if not folders:

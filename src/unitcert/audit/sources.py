@@ -9,9 +9,11 @@ through ``records()``'s ``problems`` list rather than raised.
 
 Unit names:
 
-* a file's unit is its path without the extension, so ``unit-42.pem`` and
-  ``unit-42.csr`` are one unit; a file holding several unit keys numbers them
-  (``bundle#2``), and a ``known_hosts`` line names its host;
+* a file's unit is its path; a file holding several unit keys numbers them
+  (``bundle.pem#2``), and a ``known_hosts`` line names its host. Files that
+  differ only in their extension (``unit-42.pem``, ``unit-42.csr``) are one
+  unit when they carry the same key under the same subject
+  (:func:`unitcert.audit.checks.distinct_units`);
 * a live host's unit is its ``host:port``;
 * a registry's unit is the serial it records.
 
@@ -94,7 +96,7 @@ class KeyRecord:
     """One public key found by a source, and the unit it belongs to.
 
     Attributes:
-        unit: the unit's name: a serial, a file path without its extension,
+        unit: the unit's name: a serial, a file path,
             or a ``host:port``.
         source: the kind of source: ``"file"``, ``"host"`` or ``"registry"``.
         location: exactly where the key was read (file and block, address,
@@ -915,7 +917,7 @@ class FileSource:
         self, path: Path, problems: list[SourceProblem]
     ) -> Iterator[KeyRecord]:
         items = _file_items(_read_file(path))
-        unit = str(path.with_suffix("")) if path.suffix else str(path)
+        unit = str(path)
         first_cert = next(
             (
                 i
