@@ -309,3 +309,70 @@ def test_a_second_serve_on_the_same_state_is_refused(tmp_path: Path) -> None:
     assert f"(process {os.getpid()}) is already serving" in second.stderr
     assert "Traceback" not in second.stderr
     assert store.serving_pid() is None
+
+
+def _char_device_like_dev_null(path: Path) -> Path:
+    os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    return path
+
+
+def test_an_output_file_that_is_a_device_is_written_into_not_replaced(
+    tmp_path: Path,
+) -> None:
+    from unitcert.store import write_output_file
+
+    null = _char_device_like_dev_null(tmp_path / "null")
+
+    write_output_file(null, b"report", mode=0o644)
+
+    assert stat.S_ISCHR(null.stat().st_mode)
+    assert os.major(null.stat().st_rdev) == 1 and os.minor(null.stat().st_rdev) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["null"]
+
+
+def test_an_output_file_behind_a_symlink_is_replaced_and_the_link_kept(
+    tmp_path: Path,
+) -> None:
+    from unitcert.store import write_output_file
+
+    real = tmp_path / "real" / "label.png"
+    real.parent.mkdir()
+    real.write_bytes(b"old")
+    link = tmp_path / "label.png"
+    link.symlink_to(real)
+
+    write_output_file(link, b"new", mode=0o644)
+
+    assert link.is_symlink() and link.read_bytes() == b"new"
+    assert stat.S_IMODE(real.stat().st_mode) == 0o644
+    assert sorted(p.name for p in real.parent.iterdir()) == ["label.png"]
+
+
+def test_an_output_path_that_is_a_folder_is_refused(tmp_path: Path) -> None:
+    from unitcert.store import write_output_file
+
+    with pytest.raises(IsADirectoryError):
+        write_output_file(tmp_path, b"data")
+
+
+def test_audit_reports_to_a_device_leave_the_device_in_place(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from unitcert.audit.cli import audit
+
+    key = ec.generate_private_key(ec.SECP256R1()).public_key()
+    (tmp_path / "unit.pem").write_bytes(
+        key.public_bytes(
+            serialization.Encoding.PEM,
+            serialization.PublicFormat.SubjectPublicKeyInfo,
+        )
+    )
+    null = _char_device_like_dev_null(tmp_path.parent / f"{tmp_path.name}-null")
+
+    for option in ("--json", "--html"):
+        result = CliRunner().invoke(audit, [str(tmp_path), "-q", option, str(null)])
+
+        assert result.exit_code == 0, result.output
+        assert stat.S_ISCHR(null.stat().st_mode)

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 from unitcert.code import parse_code
 from unitcert.errors import CodeFormatError, InputError
-from unitcert.store import write_file_atomic
+from unitcert.store import write_output_file
 
 if TYPE_CHECKING:
     from PIL import ImageFont
@@ -190,7 +190,7 @@ def write_label(label: Label, path: Path) -> None:
 
     mode = 0o600 if label.setup_credential is not None else 0o644
     try:
-        write_file_atomic(path, data, mode=mode)
+        write_output_file(path, data, mode=mode)
     except OSError as exc:
         raise InputError(
             f"cannot write the label to {path} ({exc.strerror}): choose a file in "

@@ -29,6 +29,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from enum import Enum
@@ -143,6 +144,33 @@ def write_file_atomic(path: Path, data: bytes, *, mode: int = _FILE_MODE) -> Non
         os.chmod(tmp, mode)
     os.replace(tmp, path)
     _fsync_dir(path.parent)
+
+
+def write_output_file(path: Path, data: bytes, *, mode: int = _FILE_MODE) -> None:
+    """Write a file the user named (a report, a label, an exported certificate).
+
+    A regular file, new or existing, is replaced atomically as by
+    :func:`write_file_atomic`; through a symbolic link, the file it points to
+    is replaced and the link kept. Anything else that exists there, a device
+    such as ``/dev/null`` or ``/dev/stdout``'s terminal or a FIFO, is written
+    into as it is: renaming over it would put a plain file in its place (as
+    root, a new ``/dev/null`` for every program on the machine).
+
+    Raises:
+        OSError: the file cannot be written.
+    """
+    real = Path(os.path.realpath(path))
+    try:
+        info = real.stat()
+    except FileNotFoundError:
+        info = None
+    if info is not None and not stat.S_ISREG(info.st_mode):
+        if stat.S_ISDIR(info.st_mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+        with open(real, "wb") as handle:
+            handle.write(data)
+        return
+    write_file_atomic(real, data, mode=mode)
 
 
 class StateStore:

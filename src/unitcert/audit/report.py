@@ -38,6 +38,7 @@ from rich.table import Table
 from unitcert.audit.checks import KINDS, AffectedUnit, Finding
 from unitcert.audit.runner import VERDICT_CLEAN, VERDICT_INCOMPLETE, AuditReport
 from unitcert.errors import InputError
+from unitcert.store import write_output_file
 
 __all__ = [
     "JSON_VERDICTS",
@@ -293,13 +294,10 @@ def _json_safe(value: Any) -> Any:
 
 
 def _write(path: Path, text: str) -> None:
-    """Write a report whole or not at all: a new file, then one rename."""
-    partial = path.with_name(f".{path.name}.partial")
+    """Write a report whole or not at all (a device such as /dev/null as it is)."""
     try:
-        partial.write_text(text, "utf-8")
-        os.replace(partial, path)
+        write_output_file(path, text.encode("utf-8"), mode=0o644)
     except OSError as exc:
-        partial.unlink(missing_ok=True)
         raise InputError(
             f"cannot write the report to {path}: {exc.strerror or exc}"
         ) from None

@@ -23,7 +23,7 @@ from unitcert.errors import InputError
 from unitcert.factory import ca as factory_ca
 from unitcert.factory.issue import REVOCATION_REASONS, Issuer
 from unitcert.factory.registry import Registry, default_url
-from unitcert.store import StateStore, write_file_atomic
+from unitcert.store import StateStore, write_output_file
 
 __all__ = ["device_commands", "factory"]
 
@@ -125,7 +125,7 @@ def _check_writable(path: Path) -> None:
 
 def _write_output(path: Path, data: bytes) -> None:
     try:
-        write_file_atomic(path, data, mode=0o644)
+        write_output_file(path, data, mode=0o644)
     except OSError as error:
         raise InputError(
             f"cannot write {path} ({error.strerror}): choose a writable place"
