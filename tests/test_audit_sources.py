@@ -512,3 +512,76 @@ def test_a_host_that_speaks_only_tls_1_0_is_audited(
 
     assert problems == []
     assert [(r.subject, r.key_type) for r in records] == [("CN=old-camera", "RSA-2048")]
+
+
+def _ca_cert(key: ec.EllipticCurvePrivateKey) -> x509.Certificate:
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Maker CA")])
+    start = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(start + dt.timedelta(days=3650))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), True)
+        .sign(key, hashes.SHA256())
+    )
+
+
+def _p7b(tmp_path: Path, name: str, *certs: x509.Certificate) -> Path:
+    """A PKCS#7 bundle as OpenSSL writes one (`openssl crl2pkcs7 -nocrl`)."""
+    chain = tmp_path / f"{name}.chain.pem"
+    chain.write_bytes(b"".join(_pem(c) for c in certs))
+    out = tmp_path / f"{name}.p7b"
+    subprocess.run(
+        ["openssl", "crl2pkcs7", "-nocrl", "-certfile", str(chain), "-out", str(out)],
+        check=True,
+        capture_output=True,
+    )
+    chain.unlink()
+    return out
+
+
+def test_pkcs7_bundles_are_read_and_their_issuers_are_not_units(
+    tmp_path: Path,
+) -> None:
+    ca = _ca_cert(ec.generate_private_key(ec.SECP256R1()))
+    shared = ec.generate_private_key(ec.SECP256R1())
+    # The CA first, as bundles often have it: it is in both, and is no unit.
+    first = _p7b(tmp_path, "cam-1", ca, _cert(shared, "cam-1"))
+    second = _p7b(tmp_path, "cam-2", ca, _cert(shared, "cam-2"))
+    assert first.read_bytes().startswith(b"-----BEGIN PKCS7-----")
+    report = tmp_path.parent / f"{tmp_path.name}.json"
+
+    code, _, err = _run(str(tmp_path), "-q", "--json", str(report))
+
+    assert code == 1, err
+    data = json.loads(report.read_text())
+    assert data["units"] == 2
+    assert [
+        (f["kind"], sorted(u["name"] for u in f["units"])) for f in data["findings"]
+    ] == [("duplicate-key", [str(first), str(second)])]
+
+
+def test_a_private_key_file_is_named_for_what_it_is(tmp_path: Path) -> None:
+    key = tmp_path / "device.key"
+    key.write_bytes(
+        ec.generate_private_key(ec.SECP256R1()).private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    crl = tmp_path / "list.crl"
+    crl.write_bytes(b"-----BEGIN X509 CRL-----\nMAA=\n-----END X509 CRL-----\n")
+
+    for path, reason in (
+        (key, "it holds only a private key, which the audit does not read"),
+        (crl, "its PEM blocks: X509 CRL"),
+    ):
+        code, _, err = _run(str(path))
+
+        assert code == 2
+        assert reason in err

@@ -49,6 +49,7 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives.serialization import pkcs7
 from cryptography.utils import CryptographyDeprecationWarning
 
 from unitcert.code import code_for_spki, spki_from_cert_der, spki_from_csr_der
@@ -359,7 +360,8 @@ def key_record(
 def _is_ca(cert: x509.Certificate) -> bool:
     try:
         constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints)
-    except x509.ExtensionNotFound:
+    except (x509.ExtensionNotFound, ValueError):
+        # None, or one that cannot be parsed: not known to be a CA.
         return False
     return constraints.value.ca
 
@@ -520,16 +522,58 @@ def _pem_items(data: bytes) -> tuple[list[_Block | _Bad], bool]:
             # Never decoded: the audit has no business with private keys.
             continue
         kind = _PEM_KINDS.get(label)
-        if kind is None:
+        if kind is None and label not in _PKCS7_LABELS:
             continue
+        line = data.count(b"\n", 0, match.start()) + 1
         try:
             der = base64.b64decode(match.group(2), validate=False)
         except (ValueError, binascii.Error):
-            line = data.count(b"\n", 0, match.start()) + 1
             items.append(_Bad(f":{line}", f"the {label} block is not valid base64"))
             continue
-        items.append(_Block(kind, der))
+        if kind is None:
+            items.extend(_pkcs7_items(der, line))
+        else:
+            items.append(_Block(kind, der))
     return items, outside or bool(data[end:].strip())
+
+
+_PKCS7_LABELS = frozenset({"PKCS7", "CERTIFICATE CHAIN"})
+
+
+def _pkcs7_items(der: bytes, line: int) -> list[_Block | _Bad]:
+    """The certificates of a PKCS#7 bundle (``openssl crl2pkcs7``, .p7b)."""
+    try:
+        with warnings.catch_warnings():
+            # OpenSSL's bundles list their certificates unsorted (BER, not
+            # DER); cryptography reads them and warns about it.
+            warnings.simplefilter("ignore", UserWarning)
+            certificates = pkcs7.load_der_pkcs7_certificates(der)
+    except ValueError:
+        return [_Bad(f":{line}", "the PKCS7 block holds no readable certificates")]
+    # A bundle's order is not its chain's: its CA certificates are the
+    # issuers, unless the bundle holds nothing else (a default certificate
+    # marked CA).
+    leaves = [cert for cert in certificates if not _is_ca(cert)] or certificates
+    return [
+        _Block("certificate", cert.public_bytes(serialization.Encoding.DER))
+        for cert in leaves
+    ]
+
+
+def _unread_pem_reason(data: bytes) -> str:
+    """Say why a PEM file gave no key: what its blocks are, if anything."""
+    labels = sorted({m.group(1).decode("ascii") for m in _PEM_RE.finditer(data)})
+    if labels and all("PRIVATE KEY" in label for label in labels):
+        return (
+            "it holds only a private key, which the audit does not read: give the "
+            "unit's certificate or public key"
+        )
+    if labels:
+        return (
+            f"it holds no certificate, CSR or public key (its PEM blocks: "
+            f"{', '.join(labels)})"
+        )
+    return "it holds no certificate, CSR or public key"
 
 
 def _ssh_item(line: str, number: int) -> _Block | _Bad | None:
@@ -635,7 +679,7 @@ def _file_items(data: bytes) -> list[_Block | _Bad]:
         if outside:
             items += _ssh_items(_without_pem(data), every_line=False)
         if not items:
-            raise _NotKeys("it holds no certificate, CSR or public key")
+            raise _NotKeys(_unread_pem_reason(data))
         return items
     lines = [line for line in data.splitlines() if line.strip()]
     key_lines = sum(1 for line in lines if _SSH_LINE_RE.match(line))
