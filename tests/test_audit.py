@@ -578,7 +578,7 @@ def test_audit_exits_two_for_a_named_file_without_keys(fleet: Fleet) -> None:
     code, _, err = _run(str(fleet.root / "misc" / "stray.key"))
 
     assert code == 2
-    assert "holds no certificate" in err
+    assert "holds only a private key" in err
 
 
 def test_audit_exits_two_when_no_host_answers(tmp_path: Path) -> None:
