@@ -376,3 +376,58 @@ def test_audit_reports_to_a_device_leave_the_device_in_place(tmp_path: Path) -> 
 
         assert result.exit_code == 0, result.output
         assert stat.S_ISCHR(null.stat().st_mode)
+
+
+def _audit_to_own_stdout(
+    folder: Path, stdout: Any
+) -> subprocess.CompletedProcess[bytes]:
+    command = [sys.executable, "-m", "unitcert", "audit", str(folder), "-q"]
+    return subprocess.run(
+        [*command, "--json", "/dev/stdout"],
+        stdout=stdout,
+        stderr=subprocess.PIPE,
+        timeout=60,
+        check=False,
+    )
+
+
+def _one_public_key(folder: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    folder.mkdir()
+    key = ec.generate_private_key(ec.SECP256R1()).public_key()
+    (folder / "unit.pem").write_bytes(
+        key.public_bytes(
+            serialization.Encoding.PEM,
+            serialization.PublicFormat.SubjectPublicKeyInfo,
+        )
+    )
+
+
+def test_a_report_to_dev_stdout_is_appended_to_a_log_not_put_in_its_place(
+    tmp_path: Path,
+) -> None:
+    _one_public_key(tmp_path / "units")
+    log = tmp_path / "log.txt"
+    log.write_bytes(b"line 1 of an earlier log\n")
+    inode = log.stat().st_ino
+
+    with log.open("ab") as appended:
+        result = _audit_to_own_stdout(tmp_path / "units", appended)
+
+    assert result.returncode == 0, result.stderr
+    text = log.read_text()
+    assert text.startswith("line 1 of an earlier log\n")
+    assert '"verdict": "clean"' in text
+    assert log.stat().st_ino == inode
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["log.txt", "units"]
+
+
+def test_a_report_to_dev_stdout_goes_down_a_pipe(tmp_path: Path) -> None:
+    _one_public_key(tmp_path / "units")
+
+    result = _audit_to_own_stdout(tmp_path / "units", subprocess.PIPE)
+
+    assert result.returncode == 0, result.stderr
+    assert b'"verdict": "clean"' in result.stdout

@@ -146,6 +146,19 @@ def write_file_atomic(path: Path, data: bytes, *, mode: int = _FILE_MODE) -> Non
     _fsync_dir(path.parent)
 
 
+_OWN_DESCRIPTOR = re.compile(r"/dev/std(out|err)|/dev/fd/(\d+)|/proc/self/fd/(\d+)")
+
+
+def _own_descriptor(path: Path) -> int | None:
+    """The descriptor ``path`` names in this process, if it names one."""
+    match = _OWN_DESCRIPTOR.fullmatch(os.path.normpath(str(path)))
+    if match is None:
+        return None
+    if match.group(1):
+        return 1 if match.group(1) == "out" else 2
+    return int(match.group(2) or match.group(3))
+
+
 def write_output_file(path: Path, data: bytes, *, mode: int = _FILE_MODE) -> None:
     """Write a file the user named (a report, a label, an exported certificate).
 
@@ -156,10 +169,25 @@ def write_output_file(path: Path, data: bytes, *, mode: int = _FILE_MODE) -> Non
     into as it is: renaming over it would put a plain file in its place (as
     root, a new ``/dev/null`` for every program on the machine).
 
+    ``/dev/stdout``, ``/dev/stderr`` and ``/dev/fd/N`` are this process's
+    own descriptors, written as they stand: a report appended to a log
+    (``>> log``) stays appended, and a pipe gets it.
+
     Raises:
         OSError: the file cannot be written.
     """
+    own = _own_descriptor(path)
+    if own is not None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(own, view) :]
+        return
     real = Path(os.path.realpath(path))
+    if real.parts[:2] == ("/", "proc"):
+        # Another process's descriptor, a pipe: there is no file to rename.
+        with open(path, "wb") as handle:
+            handle.write(data)
+        return
     try:
         info = real.stat()
     except FileNotFoundError:
