@@ -585,3 +585,30 @@ def test_a_private_key_file_is_named_for_what_it_is(tmp_path: Path) -> None:
 
         assert code == 2
         assert reason in err
+
+
+def test_a_certificate_cut_short_in_a_folder_makes_the_run_incomplete(
+    tmp_path: Path,
+) -> None:
+    folder = tmp_path / "units"
+    folder.mkdir()
+    whole = _pem(_cert(ec.generate_private_key(ec.SECP256R1()), "good"))
+    (folder / "good.pem").write_bytes(whole)
+    cut = _pem(_cert(ec.generate_private_key(ec.SECP256R1()), "cut"))
+    (folder / "trunc.pem").write_bytes(cut[:300])
+    # A chain file whose second block was cut: its first key is still read.
+    first = _pem(_cert(ec.generate_private_key(ec.SECP256R1()), "chain"))
+    (folder / "chain.pem").write_bytes(first + cut[:300])
+    report = tmp_path / "report.json"
+
+    code, _, err = _run(str(folder), "-q", "--json", str(report))
+
+    assert code == 2, err
+    data = json.loads(report.read_text())
+    assert data["verdict"] == "incomplete"
+    assert data["units"] == 2
+    assert sorted(p["location"] for p in data["problems"]) == [
+        f"{folder / 'chain.pem'}:{len(first.splitlines()) + 1}",
+        f"{folder / 'trunc.pem'}:1",
+    ]
+    assert all("cut off" in p["reason"] for p in data["problems"])

@@ -560,6 +560,34 @@ def _pkcs7_items(der: bytes, line: int) -> list[_Block | _Bad]:
     ]
 
 
+_BEGIN_RE = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----")
+
+
+def _cut_off_blocks(data: bytes) -> list[_Block | _Bad]:
+    """A problem for each key-carrying PEM block that has no END line.
+
+    A file cut short (a copy interrupted, a dump truncated) is a key not
+    audited, not a file without keys.
+    """
+    if data.count(b"-----BEGIN ") == data.count(b"-----END "):
+        return []
+    # Both scans go forward through the file: one pass over each.
+    whole = iter(match.span() for match in _PEM_RE.finditer(data))
+    span = next(whole, None)
+    cut: list[_Block | _Bad] = []
+    for begin in _BEGIN_RE.finditer(data):
+        while span is not None and span[1] <= begin.start():
+            span = next(whole, None)
+        label = begin.group(1).decode("ascii")
+        if label not in _PEM_KINDS and label not in _PKCS7_LABELS:
+            continue
+        if span is not None and span[0] <= begin.start():
+            continue
+        line = data.count(b"\n", 0, begin.start()) + 1
+        cut.append(_Bad(f":{line}", f"its {label} block is cut off (no END line)"))
+    return cut
+
+
 def _unread_pem_reason(data: bytes) -> str:
     """Say why a PEM file gave no key: what its blocks are, if anything."""
     labels = sorted({m.group(1).decode("ascii") for m in _PEM_RE.finditer(data)})
@@ -676,6 +704,7 @@ def _file_items(data: bytes) -> list[_Block | _Bad]:
         raise _NotKeys("it is empty")
     if b"-----BEGIN" in data:
         items, outside = _pem_items(data)
+        items += _cut_off_blocks(data)
         if outside:
             items += _ssh_items(_without_pem(data), every_line=False)
         if not items:
