@@ -524,14 +524,14 @@ def _pem_items(data: bytes) -> tuple[list[_Block | _Bad], bool]:
         kind = _PEM_KINDS.get(label)
         if kind is None and label not in _PKCS7_LABELS:
             continue
-        line = data.count(b"\n", 0, match.start()) + 1
         try:
             der = base64.b64decode(match.group(2), validate=False)
         except (ValueError, binascii.Error):
+            line = data.count(b"\n", 0, match.start()) + 1
             items.append(_Bad(f":{line}", f"the {label} block is not valid base64"))
             continue
         if kind is None:
-            items.extend(_pkcs7_items(der, line))
+            items.extend(_pkcs7_items(der, data.count(b"\n", 0, match.start()) + 1))
         else:
             items.append(_Block(kind, der))
     return items, outside or bool(data[end:].strip())
