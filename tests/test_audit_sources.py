@@ -56,10 +56,12 @@ def _ssh_line() -> str:
     ).decode()
 
 
-def _cert(key: ec.EllipticCurvePrivateKey, name: str) -> x509.Certificate:
+def _cert(
+    key: ec.EllipticCurvePrivateKey, name: str, *, ca: bool = False
+) -> x509.Certificate:
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     start = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
-    return (
+    builder = (
         x509.CertificateBuilder()
         .subject_name(subject)
         .issuer_name(subject)
@@ -67,8 +69,12 @@ def _cert(key: ec.EllipticCurvePrivateKey, name: str) -> x509.Certificate:
         .serial_number(x509.random_serial_number())
         .not_valid_before(start)
         .not_valid_after(start + dt.timedelta(days=365))
-        .sign(key, hashes.SHA256())
     )
+    if ca:
+        builder = builder.add_extension(
+            x509.BasicConstraints(ca=True, path_length=0), True
+        )
+    return builder.sign(key, hashes.SHA256())
 
 
 def _der(cert: x509.Certificate) -> bytes:
@@ -514,22 +520,6 @@ def test_a_host_that_speaks_only_tls_1_0_is_audited(
     assert [(r.subject, r.key_type) for r in records] == [("CN=old-camera", "RSA-2048")]
 
 
-def _ca_cert(key: ec.EllipticCurvePrivateKey) -> x509.Certificate:
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Maker CA")])
-    start = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
-    return (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(start + dt.timedelta(days=3650))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), True)
-        .sign(key, hashes.SHA256())
-    )
-
-
 def _p7b(tmp_path: Path, name: str, *certs: x509.Certificate) -> Path:
     """A PKCS#7 bundle as OpenSSL writes one (`openssl crl2pkcs7 -nocrl`)."""
     chain = tmp_path / f"{name}.chain.pem"
@@ -547,7 +537,7 @@ def _p7b(tmp_path: Path, name: str, *certs: x509.Certificate) -> Path:
 def test_pkcs7_bundles_are_read_and_their_issuers_are_not_units(
     tmp_path: Path,
 ) -> None:
-    ca = _ca_cert(ec.generate_private_key(ec.SECP256R1()))
+    ca = _cert(ec.generate_private_key(ec.SECP256R1()), "Maker CA", ca=True)
     shared = ec.generate_private_key(ec.SECP256R1())
     # The CA first, as bundles often have it: it is in both, and is no unit.
     first = _p7b(tmp_path, "cam-1", ca, _cert(shared, "cam-1"))
