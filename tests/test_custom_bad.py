@@ -738,3 +738,32 @@ def test_bad_inputs_on_the_upload_page_change_nothing(unit: Fixture) -> None:
             failures.append(f"{case.label}: now serves {served}")
             break
     assert not failures, "\n".join(failures)
+
+
+def test_a_wrong_password_is_named_even_when_decryption_passes_its_padding_check(
+    tmp_path: Path,
+) -> None:
+    from unitcert.custom.bundle import load_bundle, read_input_file
+    from unitcert.errors import InputError
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    encrypted = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"the right one"),
+    )
+    # About one wrong password in 256 decrypts to garbage with valid padding:
+    # cryptography then says the data is malformed, not that it is wrong.
+    for attempt in range(5000):
+        wrong = f"wrong {attempt}".encode()
+        try:
+            serialization.load_pem_private_key(encrypted, wrong)
+        except ValueError as exc:
+            if "password" not in str(exc).lower():
+                break
+    else:
+        pytest.skip("no wrong password that passes the padding check was found")
+    (tmp_path / "k.pem").write_bytes(encrypted)
+
+    with pytest.raises(InputError, match=r"password .* is wrong"):
+        load_bundle([read_input_file(tmp_path / "k.pem")], password=wrong)

@@ -21,9 +21,10 @@ import base64
 import binascii
 import logging
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -222,11 +223,8 @@ def _load_key(
         # A password was given for this run, but this key has none.
         return load(loader_input, None)
     except ValueError as exc:
-        if password is not None and "password" in str(exc).lower():
-            raise InputError(
-                f"the password for the private key in {name} is wrong: check it "
-                "and try again"
-            ) from exc
+        if password is not None and _is_encrypted(load, loader_input):
+            raise _wrong_password(name) from exc
         raise InputError(
             f"the private key in {name} is damaged or of a kind the unit cannot "
             "read: export it again as PEM"
@@ -236,6 +234,27 @@ def _load_key(
             f"the private key in {name} is of a kind the unit cannot use: give an "
             "RSA or ECDSA key"
         ) from exc
+
+
+def _wrong_password(name: str) -> InputError:
+    # A wrong password mostly fails the decryption's padding check; about
+    # once in 256 it passes and the garbage fails to parse instead: both are
+    # this error, whatever cryptography's message.
+    return InputError(
+        f"the password for the private key in {name} is wrong (or the key is "
+        "damaged): check it and try again"
+    )
+
+
+def _is_encrypted(load: Callable[[bytes, bytes | None], Any], data: bytes) -> bool:
+    """Whether a private key needs a password (loading it without one says so)."""
+    try:
+        load(data, None)
+    except TypeError:
+        return True
+    except (ValueError, UnsupportedAlgorithm):
+        return False
+    return False
 
 
 def _load_pkcs12(data: bytes, name: str, password: bytes | None, found: _Found) -> None:
@@ -383,11 +402,10 @@ def _load_der(data: bytes, name: str, password: bytes | None, found: _Found) -> 
         found.keys.append(_load_key(data, name, password, pem=False))
         return
     except ValueError as exc:
-        if password is not None and "password" in str(exc).lower():
-            raise InputError(
-                f"the password for the private key in {name} is wrong: check it "
-                "and try again"
-            ) from exc
+        if password is not None and _is_encrypted(
+            serialization.load_der_private_key, data
+        ):
+            raise _wrong_password(name) from exc
     except UnsupportedAlgorithm as exc:
         raise InputError(
             f"the private key in {name} is of a kind the unit cannot use: give an "
