@@ -9,9 +9,8 @@ In a pipeline: a summary that cannot be printed because standard output was
 closed early (``unitcert audit F | head -c 10``) exits 2, not 1 (findings) and
 not 0, since the caller did not get the verdict; a run with findings still
 exits 1. Interrupted (Ctrl-C, SIGINT), the audit stops and exits 130, as
-shells report a command ended by SIGINT, with one sentence and no traceback of
-its own; a batch GCD worker process that the same Ctrl-C reaches still prints
-its traceback (those workers live in :mod:`unitcert.quality.batchgcd`).
+shells report a command ended by SIGINT, with one sentence and no traceback;
+the batch GCD's worker processes ignore the Ctrl-C and are ended by it.
 """
 
 from __future__ import annotations
@@ -39,7 +38,6 @@ from unitcert.audit.sources import (
     DEFAULT_CONCURRENCY,
     DEFAULT_TIMEOUT,
     FileSource,
-    HostAddress,
     HostSource,
     Source,
     read_hosts_file,
@@ -115,14 +113,6 @@ def _report_option(
             "give the report a file name (e.g. audit.json or audit.html)", ctx, param
         )
     return value
-
-
-def _read_hosts(files: Sequence[Path]) -> list[HostAddress]:
-    """Every address of the hosts files, each once, in the order first given."""
-    addresses: dict[HostAddress, None] = {}
-    for path in files:
-        addresses.update(dict.fromkeys(read_hosts_file(path)))
-    return list(addresses)
 
 
 def _refuse_overwriting_inputs(
@@ -415,8 +405,11 @@ def _run(
         sources.append(FileSource(paths))
     if hosts_files:
         sources.append(
+            # HostSource audits each address once, however many files list it.
             HostSource(
-                _read_hosts(hosts_files), concurrency=concurrency, timeout=timeout
+                [a for path in hosts_files for a in read_hosts_file(path)],
+                concurrency=concurrency,
+                timeout=timeout,
             )
         )
     if not sources:
