@@ -33,7 +33,7 @@ from unitcert.audit.report import (
     write_html,
     write_json,
 )
-from unitcert.audit.runner import AuditReport, AuditSettings, run_audit
+from unitcert.audit.runner import AuditReport, AuditSettings, count, run_audit
 from unitcert.audit.sources import (
     DEFAULT_CONCURRENCY,
     DEFAULT_TIMEOUT,
@@ -334,10 +334,9 @@ def audit(
     if report.incomplete:
         missed = report.missed
         _error(
-            f"{len(missed):,} "
-            + ("item" if len(missed) == 1 else "items")
-            + " that may hold keys (hosts, registry rows, key files) could not be "
-            f"audited (first: {missed[0].location}: {missed[0].reason}), so the "
+            f"{count(len(missed), 'item')} that may hold keys (hosts, registry "
+            "rows, key files) could not be audited "
+            f"(first: {missed[0].location}: {missed[0].reason}), so the "
             "fleet is not known to be clean: see --json for every one"
         )
         ctx.exit(EXIT_ERROR)

@@ -36,7 +36,12 @@ from rich.markup import escape
 from rich.table import Table
 
 from unitcert.audit.checks import KINDS, AffectedUnit, Finding
-from unitcert.audit.runner import VERDICT_CLEAN, VERDICT_INCOMPLETE, AuditReport
+from unitcert.audit.runner import (
+    VERDICT_CLEAN,
+    VERDICT_INCOMPLETE,
+    AuditReport,
+    count,
+)
 from unitcert.errors import InputError
 from unitcert.store import write_output_file
 
@@ -134,15 +139,11 @@ def _units_text(
     )
 
 
-def _count(number: int, noun: str, plural: str | None = None) -> str:
-    return f"{number:,} {noun if number == 1 else plural or noun + 's'}"
-
-
 def _missed_text(report: AuditReport) -> str:
     missed = report.missed
     first = missed[0]
     return (
-        f"{_count(len(missed), 'host or registry unit', 'hosts or registry units')} "
+        f"{count(len(missed), 'host or registry unit', 'hosts or registry units')} "
         f"given could not be read (first: {first.location}: {first.reason})"
     )
 
@@ -167,16 +168,16 @@ def print_summary(report: AuditReport, console: Console | None = None) -> None:
     """
     console = console or _SummaryConsole()
     console.print(
-        f"Audited {_count(report.units, 'unit')} "
-        f"({_count(report.distinct_keys, 'distinct key')}, "
-        f"{_count(report.rsa_moduli, 'RSA modulus', 'RSA moduli')}) from "
+        f"Audited {count(report.units, 'unit')} "
+        f"({count(report.distinct_keys, 'distinct key')}, "
+        f"{count(report.rsa_moduli, 'RSA modulus', 'RSA moduli')}) from "
         f"{_shown(', '.join(report.sources))} in {report.seconds:.1f} s; batch GCD on "
         f"{_shown(report.mode)}."
     )
     if report.problems:
         first = report.missed[0] if report.missed else report.problems[0]
         console.print(
-            f"[yellow]{_count(len(report.problems), 'item')} could not be read and "
+            f"[yellow]{count(len(report.problems), 'item')} could not be read and "
             f"{'is' if len(report.problems) == 1 else 'are'} not audited[/yellow], "
             f"e.g. {_shown(first.location)}: {_shown(first.reason)} (--json lists "
             "every one)"
@@ -184,7 +185,7 @@ def print_summary(report: AuditReport, console: Console | None = None) -> None:
     if report.verdict == VERDICT_INCOMPLETE:
         console.print(
             f"[bold yellow]Not known to be clean:[/] no shared, weak or known keys "
-            f"among the {_count(report.units, 'unit')} read, but "
+            f"among the {count(report.units, 'unit')} read, but "
             f"{_shown(_missed_text(report))}."
         )
         return
@@ -213,8 +214,8 @@ def print_summary(report: AuditReport, console: Console | None = None) -> None:
         )
     console.print(table)
     console.print(
-        f"[bold red]{_count(len(report.findings), 'finding')} on "
-        f"{_count(report.affected_units, 'unit')}.[/] --json lists every unit of "
+        f"[bold red]{count(len(report.findings), 'finding')} on "
+        f"{count(report.affected_units, 'unit')}.[/] --json lists every unit of "
         "every finding; --html adds charts."
     )
     if report.incomplete:
@@ -410,7 +411,7 @@ def _finding_rows(report: AuditReport) -> str:
             f'<td class="kind">{_h(finding.title)}</td>'
             f"<td>{_h(finding.key_type)} {status}</td>"
             f"<td>{_h(finding.detail)}"
-            f"<details><summary>{_count(len(units), 'unit')}</summary><ul>{listed}</ul>"
+            f"<details><summary>{count(len(units), 'unit')}</summary><ul>{listed}</ul>"
             "</details></td></tr>"
         )
     return "".join(rows)
@@ -428,7 +429,7 @@ def _html_missed(report: AuditReport) -> str:
         else ""
     )
     return (
-        f"{_count(len(missed), 'host or registry unit', 'hosts or registry units')} "
+        f"{count(len(missed), 'host or registry unit', 'hosts or registry units')} "
         f"given could not be read:<ul>{shown}{more}</ul>"
     )
 
@@ -470,8 +471,8 @@ def render_html(report: AuditReport) -> str:
         for unit in finding.units:
             affected_by_type[unit.key_type] += 1
     type_rows = [
-        (key_type, affected_by_type[key_type], count)
-        for key_type, count in report.key_types
+        (key_type, affected_by_type[key_type], total)
+        for key_type, total in report.key_types
     ]
     cohort_rows = [(c.label, c.affected, c.units) for c in report.cohorts]
 

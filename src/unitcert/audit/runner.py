@@ -193,8 +193,9 @@ def format_size(size: float) -> str:
     return f"{size:,.1f} TiB"
 
 
-def _count_items(number: int) -> str:
-    return f"{number:,} item" + ("" if number == 1 else "s")
+def count(number: int, noun: str, plural: str | None = None) -> str:
+    """``1 item``, ``2 items``, ``2 RSA moduli`` (with ``plural``)."""
+    return f"{number:,} {noun if number == 1 else plural or noun + 's'}"
 
 
 def _advancer(progress: AuditProgress, stage: str) -> Callable[[int], None]:
@@ -318,7 +319,7 @@ def run_audit(
     if not records:
         described = ", ".join(s.describe() for s in sources) or "no source"
         why = (
-            f" ({_count_items(len(problems))} could not be read; first: "
+            f" ({count(len(problems), 'item')} could not be read; first: "
             f"{problems[0].location}: {problems[0].reason})"
             if problems
             else ""
